@@ -68,7 +68,7 @@ class PerturbConfig(_Section):
 class FinetuneConfig(_Section):
     """Stage 5: J = α·CE(f(x), y) + (1 − α)·CE(f(x̂), y); paper Table 6 (MNIST) defaults."""
 
-    epochs: int = Field(5, ge=1, description="passes over the clean training set (authors: 100)")
+    epochs: int = Field(10, ge=1, description="passes over the clean training set (authors: 100)")
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.5, ge=0, lt=1)
     batch_size: int = Field(64, ge=1)
@@ -79,7 +79,7 @@ class AttackConfig(_Section):
     """L∞ attacks in [0,1] pixel space."""
 
     eps: float = Field(0.3, gt=0, le=1, description="paper: 0.3 on MNIST")
-    pgd_steps: int = Field(20, ge=1)
+    pgd_steps: int = Field(40, ge=1, description="Madry et al. (MNIST): 40")
     pgd_step_size: float | None = Field(None, gt=0, description="None = 2.5·eps/steps (Madry et al.)")
     pgd_random_start: bool = True
 
@@ -91,8 +91,8 @@ class EvaluateConfig(_Section):
     attack: AttackConfig = AttackConfig()
     max_samples: int | None = Field(1000, ge=1, description="test points evaluated (stratified); None = all")
     batch_size: int = Field(500, ge=1)
-    surrogate_architecture: str = Field("auto", description="black-box model; auto = a zoo net unlike the target")
-    surrogate_epochs: int = Field(5, ge=1)
+    surrogate_architecture: str = Field("auto", description="black-box model; auto = smallcnn (lenet for a smallcnn)")
+    surrogate_epochs: int = Field(10, ge=1)
 
 
 class LadderConfig(_Section):

@@ -18,6 +18,7 @@ from torch import Tensor, fx, nn
 from services.errors import InputError
 
 PAPER_ARCHITECTURES = ("lenet", "svhnnet", "celebanet")
+OWN_ARCHITECTURES = ("smallcnn",)  # a cheap net unlike LeNet: the default black-box surrogate
 
 
 class ModelSpec(BaseModel):
@@ -46,7 +47,7 @@ class ModelSpec(BaseModel):
             raise ValueError("std values must be positive")
         if self.architecture not in available_architectures():
             raise ValueError(
-                f"unknown architecture {self.architecture!r}; use one of {', '.join(PAPER_ARCHITECTURES)} "
+                f"unknown architecture {self.architecture!r}; use one of {', '.join(PAPER_ARCHITECTURES + OWN_ARCHITECTURES)} "
                 "or a torchvision classification builder such as resnet18"
             )
         return self
@@ -54,7 +55,7 @@ class ModelSpec(BaseModel):
 
 def available_architectures() -> set[str]:
     """The paper's nets plus every torchvision classification builder."""
-    return set(PAPER_ARCHITECTURES) | set(torchvision.models.list_models(module=torchvision.models))
+    return set(PAPER_ARCHITECTURES + OWN_ARCHITECTURES) | set(torchvision.models.list_models(module=torchvision.models))
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -83,6 +84,25 @@ class LeNet(nn.Module):
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         x = F.relu(self.fc1(x.flatten(1)))  # (B, 500): the latent
         return self.fc2(x)
+
+
+class SmallCNN(nn.Module):
+    """conv32-3, pool, conv64-3, pool, fc128, fc(classes): about LeNet's cost, but another architecture."""
+
+    def __init__(self, num_classes: int, in_channels: int, hw: tuple[int, int]):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3)
+        self.conv2 = nn.Conv2d(32, 64, 3)
+        h, w = ((hw[0] - 2) // 2 - 2) // 2, ((hw[1] - 2) // 2 - 2) // 2
+        if min(h, w) < 1:
+            raise InputError(f"smallcnn needs inputs of at least 10×10 pixels, got {hw[0]}×{hw[1]}")
+        self.fc1 = nn.Linear(64 * h * w, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
 class _VGGStyle(nn.Module):
@@ -158,9 +178,9 @@ def _torchvision_net(name: str, num_classes: int, in_channels: int) -> nn.Module
 def build_net(spec: ModelSpec) -> nn.Module:
     """The bare network of a spec, randomly initialised."""
     c, h, w = spec.input_shape
-    paper = {"lenet": LeNet, "svhnnet": SVHNNet, "celebanet": CelebANet}
-    if spec.architecture in paper:
-        return paper[spec.architecture](spec.num_classes, c, (h, w))
+    own = {"lenet": LeNet, "svhnnet": SVHNNet, "celebanet": CelebANet, "smallcnn": SmallCNN}
+    if spec.architecture in own:
+        return own[spec.architecture](spec.num_classes, c, (h, w))
     return _torchvision_net(spec.architecture, spec.num_classes, c)
 
 

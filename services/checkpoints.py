@@ -1,0 +1,87 @@
+"""Stage outputs as files: tensors in safetensors, everything else as JSON in its metadata. No pickle.
+
+A value is any nesting of dicts, lists, JSON scalars, tensors and the method's dataclasses; it is
+written atomically (temporary file, then rename), so a crash never leaves a half-written stage.
+"""
+
+import dataclasses
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+_DATACLASS_MODULES = ("services.method.",)
+
+
+def _encode(value: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(value, Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if dataclasses.is_dataclass(value):
+        cls = type(value)
+        fields = {f.name: _encode(getattr(value, f.name), tensors) for f in dataclasses.fields(value)}
+        return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError("only dicts with string keys can be stored")
+        return {"__dict__": {k: _encode(v, tensors) for k, v in value.items()}}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__}")
+
+
+def _decode(value: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__dict__" in value:
+        return {k: _decode(v, tensors) for k, v in value["__dict__"].items()}
+    module, _, name = value["__dataclass__"].partition(":")
+    if not module.startswith(_DATACLASS_MODULES):
+        raise ValueError(f"refusing to build {value['__dataclass__']}: not one of the method's dataclasses")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**{k: _decode(v, tensors) for k, v in value["fields"].items()})
+
+
+def save(value: Any, path: Path) -> None:
+    """Write `value` to `path` (safetensors) atomically."""
+    tensors: dict[str, Tensor] = {}
+    meta = json.dumps(_encode(value, tensors))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"ladder": meta})
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> Any:
+    """Read a value written by `save`."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["ladder"])
+    return _decode(meta, load_file(str(path)))
+
+
+class DirectoryStore:
+    """A StageStore that keeps each stage's output as `<dir>/<stage>.safetensors`."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def load(self, stage: str) -> Any | None:
+        """The stage's stored output, or None."""
+        path = self.directory / f"{stage}.safetensors"
+        return load(path) if path.exists() else None
+
+    def save(self, stage: str, value: Any) -> None:
+        """Store the stage's output."""
+        save(value, self.directory / f"{stage}.safetensors")

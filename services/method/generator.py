@@ -1,0 +1,154 @@
+"""Stage 3: the generator G: z → x, trained to minimise ‖x − G(Φ(x))‖ₚᵖ with Φ frozen (method.md, stage 3).
+
+Presets: `mnist` mirrors the authors' MNIST generator (Linear D→50·4·4, then transposed convs
+with 50 and 20 channels, sigmoid), i.e. LeNet run backwards; `generic` builds one for any C×H×W
+(nearest-neighbour upsampling + 3×3 convs from a 4×4 start, channels halving from 256). `auto`
+takes `mnist` for 28×28 inputs and `generic` otherwise. Training stops at the epoch or time
+budget, or when the held-out reconstruction error has not improved for `patience` epochs; the
+best held-out state is kept.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from services.method.config import GeneratorConfig
+from services.method.progress import Progress, silent
+
+
+class Generator(nn.Module):
+    """G: latents (B, D) → images (B, C, H, W) in [0,1]; latents are divided by their training RMS first."""
+
+    def __init__(self, latent_dim: int, shape: tuple[int, int, int], preset: str):
+        super().__init__()
+        c, h, w = shape
+        self.shape = shape
+        self.preset = preset
+        self.register_buffer("scale", torch.ones(()))
+        if preset == "mnist":
+            self.start = (50, 4, 4)
+            self.body = nn.Sequential(
+                nn.Upsample(scale_factor=2), nn.ConvTranspose2d(50, 50, 5), nn.BatchNorm2d(50), nn.ReLU(),  # 8 → 12
+                nn.Upsample(scale_factor=2), nn.ConvTranspose2d(50, 20, 5), nn.BatchNorm2d(20), nn.ReLU(),  # 24 → 28
+                nn.Conv2d(20, c, 3, padding=1),
+            )
+        else:
+            stages = max(0, math.ceil(math.log2(max(min(h, w), 4) / 4)))
+            width = 256
+            self.start = (width, math.ceil(h / 2**stages), math.ceil(w / 2**stages))
+            layers: list[nn.Module] = []
+            for _ in range(stages):
+                out = max(32, width // 2)
+                layers += [nn.Upsample(scale_factor=2), nn.Conv2d(width, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+                width = out
+            layers.append(nn.Conv2d(width, c, 3, padding=1))
+            self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(latent_dim, math.prod(self.start))
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = F.relu(self.fc(z / self.scale)).view(-1, *self.start)
+        x = self.body(x)[..., : self.shape[1], : self.shape[2]]  # generic: crop the upsampled grid
+        return torch.sigmoid(x)  # (B, C, H, W)
+
+
+def resolve_preset(preset: str, shape: tuple[int, int, int]) -> str:
+    """`auto` → `mnist` for 28×28 inputs, else `generic`."""
+    if preset == "auto":
+        return "mnist" if shape[1:] == (28, 28) else "generic"
+    if preset == "mnist" and shape[1:] != (28, 28):
+        raise ValueError(f"the mnist generator preset makes 28×28 images, not {shape[1]}×{shape[2]}; use generic")
+    return preset
+
+
+@dataclass
+class GeneratorFit:
+    """The trained generator's weights and how training went."""
+
+    state: dict[str, Tensor]
+    preset: str
+    latent_dim: int
+    shape: list[int]
+    epochs: int
+    stopped: str  # "patience", "time_budget" or "max_epochs"
+    holdout_loss: list[float]
+    holdout_index: Tensor  # rows of the training set held out for early stopping and fidelity
+
+    def build(self) -> Generator:
+        """The generator module with the trained weights, in eval mode."""
+        g = Generator(self.latent_dim, tuple(self.shape), self.preset)
+        g.load_state_dict(self.state)
+        return g.eval()
+
+
+def _loss(kind: str, pred: Tensor, x: Tensor) -> Tensor:
+    return F.mse_loss(pred, x) if kind == "l2" else F.l1_loss(pred, x)
+
+
+@torch.no_grad()
+def _evaluate(g: Generator, z: Tensor, x: Tensor, kind: str, batch_size: int) -> float:
+    total = sum(_loss(kind, g(z[i : i + batch_size]), x[i : i + batch_size]).item() * len(z[i : i + batch_size])
+                for i in range(0, len(z), batch_size))
+    return total / len(z)
+
+
+def train_generator(z: Tensor, x: Tensor, cfg: GeneratorConfig, seed: int, progress: Progress = silent) -> GeneratorFit:
+    """Train G on (z, x) pairs: z (N, D) latents of the images x (N, C, H, W)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    shape = tuple(x.shape[1:])
+    preset = resolve_preset(cfg.preset, shape)
+    order = torch.randperm(len(z), generator=gen)
+    n_hold = max(1, int(len(z) * cfg.holdout_fraction))
+    hold, train = order[:n_hold], order[n_hold:]
+    g = Generator(z.shape[1], shape, preset)
+    g.scale.fill_(z[train].pow(2).mean().sqrt().clamp_min(1e-12))
+    opt = torch.optim.Adam(g.parameters(), lr=cfg.lr)
+    best, best_state, since_best, history = float("inf"), None, 0, []
+    started, stopped, epoch = time.perf_counter(), "max_epochs", 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        g.train()
+        perm = train[torch.randperm(len(train), generator=gen)]
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            loss = _loss(cfg.loss, g(z[idx]), x[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        g.eval()
+        held = _evaluate(g, z[hold], x[hold], cfg.loss, 1024)
+        history.append(held)
+        if held < best * (1 - 1e-3):
+            best, best_state, since_best = held, {k: v.clone() for k, v in g.state_dict().items()}, 0
+        else:
+            since_best += 1
+        elapsed = time.perf_counter() - started
+        progress("generator", min(1.0, max(epoch / cfg.max_epochs, elapsed / cfg.time_budget_s)), {"holdout_loss": held})
+        if since_best >= cfg.patience:
+            stopped = "patience"
+            break
+        if elapsed >= cfg.time_budget_s:
+            stopped = "time_budget"
+            break
+    return GeneratorFit(best_state, preset, z.shape[1], list(shape), epoch, stopped, history, hold)
+
+
+@torch.no_grad()
+def fidelity(g: Generator, classifier: nn.Module, z: Tensor, x: Tensor, y: Tensor, x_train: Tensor) -> dict[str, float]:
+    """Held-out reconstruction MSE, the MSE of predicting the mean training image, and f's accuracy on G(z)."""
+    recon = torch.cat([g(z[i : i + 1024]) for i in range(0, len(z), 1024)])
+    was_training = classifier.training
+    classifier.eval()
+    acc = (classifier(recon).argmax(1) == y).float().mean().item()
+    clean = (classifier(x).argmax(1) == y).float().mean().item()
+    classifier.train(was_training)
+    return {
+        "reconstruction_mse": F.mse_loss(recon, x).item(),
+        "mean_image_mse": F.mse_loss(x_train.mean(0, keepdim=True).expand_as(x), x).item(),
+        "reconstruction_accuracy": acc,
+        "clean_accuracy": clean,
+        "n": len(z),
+    }

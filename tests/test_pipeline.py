@@ -1,0 +1,97 @@
+"""The whole method on a small slice: report shape, determinism, resume from stored stages."""
+
+import math
+
+import pytest
+import torch
+
+from services import checkpoints
+from services.checkpoints import DirectoryStore
+from services.method.boundary import Boundary
+from services.method.pipeline import STAGES, MemoryStore, harden
+
+from .conftest import quick_config
+
+
+@pytest.fixture(scope="module")
+def run(lenet):
+    store = MemoryStore()
+    seen = []
+    result = harden(lenet.model, lenet.spec, lenet.train, lenet.test, quick_config(variants=["ladder_random"]),
+                    store, lambda s, f, m: seen.append((s, f)))
+    return result, store, seen
+
+
+def test_report_has_every_model_attack_and_setting(run):
+    result, _, _ = run
+    report = result.report
+    assert set(report["models"]) == {"vanilla", "control", "ladder", "ladder_random"}
+    for m in report["models"].values():
+        assert 0 <= m["clean_accuracy"] <= 1
+        for setting in ("whitebox", "blackbox"):
+            for attack in ("fgsm", "pgd"):
+                entry = m["attacks"][setting][attack]
+                assert 0 <= entry["accuracy"] <= 1 and entry["n"] == 200 and entry["params"]["eps"] == 0.3
+    assert report["models"]["vanilla"]["attacks"]["whitebox"]["pgd"]["accuracy"] < report["models"]["vanilla"]["clean_accuracy"]
+    assert set(report["stage_seconds"]) == set(STAGES)
+    assert report["config"]["finetune"]["alpha"] == 0.5 and report["seeds"]["run"] == 0
+    assert report["versions"]["torch"] == torch.__version__
+    assert report["generator"]["reconstruction_mse"] < report["generator"]["mean_image_mse"]
+    assert len(report["calibration"]["table"]) == 5
+    assert 0.5 <= report["surrogate"]["clean_accuracy"] <= 1 and report["surrogate"]["architecture"] == "smallcnn"
+
+
+def test_progress_reaches_every_stage_and_stays_in_range(run):
+    _, _, seen = run
+    assert {s for s, _ in seen} == set(STAGES)
+    assert all(0 <= f <= 1 for _, f in seen)
+
+
+def test_vanilla_model_is_untouched_and_hardened_model_differs(run, lenet):
+    result, _, _ = run
+    assert result.models["vanilla"] is lenet.model
+    assert not torch.equal(result.models["ladder"].net.fc2.weight, lenet.model.net.fc2.weight)
+    assert not torch.equal(result.models["ladder"].net.fc2.weight, result.models["control"].net.fc2.weight)
+
+
+def test_same_seed_same_numbers_and_resume_from_stored_stages(run, lenet, tmp_path):
+    first, store, _ = run
+    for stage in STAGES:  # every stage output survives a trip through files
+        checkpoints.save(store.load(stage), tmp_path / f"{stage}.safetensors")
+    disk = DirectoryStore(tmp_path)
+    (tmp_path / "finetune.safetensors").unlink()
+    (tmp_path / "evaluate.safetensors").unlink()
+    resumed = harden(lenet.model, lenet.spec, lenet.train, lenet.test, quick_config(variants=["ladder_random"]), disk)
+    assert resumed.report["models"] == first.report["models"]
+    assert resumed.report["stage_seconds"]["boundary"] < 1.0  # loaded, not refitted
+
+
+def test_fresh_run_with_the_same_seed_repeats_and_another_seed_differs(lenet):
+    small = lenet.train.subset(torch.arange(0, 4000, 4))
+    test = lenet.test.subset(torch.arange(0, 1000, 4))
+    a = harden(lenet.model, lenet.spec, small, test, quick_config()).report
+    b = harden(lenet.model, lenet.spec, small, test, quick_config()).report
+    c = harden(lenet.model, lenet.spec, small, test, quick_config(seed=1)).report
+    assert a["models"] == b["models"] and a["calibration"] == b["calibration"]
+    assert a["calibration"]["table"] != c["calibration"]["table"]
+
+
+def test_checkpoint_round_trip(tmp_path):
+    value = {"b": Boundary(*(torch.randn(3, 2) for _ in range(6)), torch.rand(3), torch.rand(3), 1.5, 3, {"k": [1, None]}),
+             "list": [torch.arange(4), {"x": math.pi}]}
+    checkpoints.save(value, tmp_path / "v.safetensors")
+    back = checkpoints.load(tmp_path / "v.safetensors")
+    assert isinstance(back["b"], Boundary) and back["b"].fit == {"k": [1, None]} and back["b"].scale == 1.5
+    assert torch.equal(back["b"].w, value["b"].w) and torch.equal(back["list"][0], torch.arange(4))
+    assert back["list"][1]["x"] == math.pi
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_refuses_foreign_classes(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({}, str(tmp_path / "evil.safetensors"),
+              metadata={"ladder": '{"__dataclass__": "os:system", "fields": {"command": "touch pwned"}}'})
+    with pytest.raises(ValueError, match="refusing"):
+        checkpoints.load(tmp_path / "evil.safetensors")
+    assert not (tmp_path / "pwned").exists()
