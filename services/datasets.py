@@ -58,6 +58,8 @@ def mnist_idx(directory: Path, split: str) -> ImageData:
 
 def load_npz(path: Path, what: str) -> ImageData:
     """Read an .npz with arrays `x` (N×C×H×W, N×H×W×C or N×H×W; uint8 or float in [0,1]) and `y`."""
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{what} is not a readable .npz file (no zip archive); save it with np.savez")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = {"x", "y"} - set(f.files)
@@ -67,7 +69,7 @@ def load_npz(path: Path, what: str) -> ImageData:
     except InputError:
         raise
     except ValueError as e:
-        raise InputError(f"{what} holds pickled objects or unreadable arrays ({e}); save plain numeric arrays") from e
+        raise InputError(f"{what} holds pickled objects or unreadable arrays; save plain numeric arrays") from e
     except (OSError, zipfile.BadZipFile, EOFError) as e:
         raise InputError(f"{what} is not a readable .npz file ({e}); save it with np.savez") from e
     return _from_arrays(x, y, what)
