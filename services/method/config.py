@@ -30,7 +30,7 @@ class GeneratorConfig(_Section):
     preset: Literal["auto", "mnist", "svhn", "celeba", "generic"] = "auto"
     loss: Literal["l2", "l1"] = "l2"
     max_epochs: int = Field(60, ge=1)
-    time_budget_s: float = Field(60.0, gt=0)
+    time_budget_s: float = Field(30.0, gt=0)
     patience: int = Field(6, ge=1, description="epochs without held-out improvement before stopping")
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(128, ge=1)

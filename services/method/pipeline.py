@@ -83,6 +83,25 @@ def _per_class(y: torch.Tensor, k: int | None, gen: torch.Generator) -> torch.Te
     return torch.cat([i[torch.randperm(len(i), generator=gen)[:k]] for i in idx]).sort().values
 
 
+def train_surrogate(spec: ModelSpec, train: ImageData, cfg: LadderConfig, progress: Progress = silent) -> tuple[Classifier, str]:
+    """The black-box surrogate: another architecture trained on the same data (seeded by the run)."""
+    arch = surrogate_architecture(cfg.evaluate.surrogate_architecture, spec.architecture)
+    seed = stage_seed(cfg.seed, "evaluate")
+    torch.manual_seed(seed)
+    surrogate = build_classifier(spec.model_copy(update={"architecture": arch, "latent_layer": None}))
+    fit(surrogate, train.x, train.y, epochs=cfg.evaluate.surrogate_epochs, lr=cfg.finetune.lr, momentum=0.9,
+        batch_size=cfg.finetune.batch_size, seed=seed, stage="evaluate", progress=progress)
+    return surrogate, arch
+
+
+def evaluation_subset(test: ImageData, cfg: LadderConfig) -> ImageData:
+    """The test points evaluated: all, or a stratified `max_samples` of them."""
+    n = cfg.evaluate.max_samples
+    if n is None or len(test) <= n:
+        return test
+    return stratified_split(test, n / len(test), stage_seed(cfg.seed, "evaluate"))[1]
+
+
 def harden(
     model: Classifier, spec: ModelSpec, train: ImageData, test: ImageData, config: LadderConfig,
     store: StageStore | None = None, progress: Progress = silent,
@@ -133,9 +152,10 @@ def harden(
 
     def finetune() -> dict:
         f = cfg.finetune
-        weights, history = {}, {}
+        weights, history, seconds = {}, {}, {}
         runs = {"control": None, **{name: ex for name, ex in adv["examples"].items()}}
         for i, (name, ex) in enumerate(runs.items()):
+            started = time.perf_counter()
             m = copy.deepcopy(model)
             history[name] = fit(
                 m, train.x, train.y, epochs=f.epochs, lr=f.lr, momentum=f.momentum, batch_size=f.batch_size,
@@ -144,7 +164,8 @@ def harden(
                 progress=lambda s, frac, met, i=i: progress("finetune", (i + frac) / len(runs), met),
             )
             weights[name] = net_weights(m)
-        return {"weights": weights, "loss": history}
+            seconds[name] = time.perf_counter() - started
+        return {"weights": weights, "loss": history, "seconds": seconds}
 
     tuned = stage("finetune", finetune)
     models = {"vanilla": model}
@@ -152,19 +173,9 @@ def harden(
         models[name] = build_classifier(spec, state)
 
     def evaluation() -> dict:
-        arch = surrogate_architecture(cfg.evaluate.surrogate_architecture, spec.architecture)
-        sspec = spec.model_copy(update={"architecture": arch, "latent_layer": None})
-        seed = stage_seed(cfg.seed, "evaluate")
-        torch.manual_seed(seed)
-        surrogate = build_classifier(sspec)
-        f = cfg.finetune
-        fit(surrogate, train.x, train.y, epochs=cfg.evaluate.surrogate_epochs, lr=f.lr, momentum=0.9,
-            batch_size=f.batch_size, seed=seed, stage="evaluate",
-            progress=lambda s, frac, met: progress("evaluate", 0.3 * frac, met))
-        subset = test
-        if cfg.evaluate.max_samples is not None and len(test) > cfg.evaluate.max_samples:
-            subset = stratified_split(test, cfg.evaluate.max_samples / len(test), seed)[1]
-        results = evaluate(models, surrogate, subset.x, subset.y, cfg.evaluate, seed,
+        surrogate, arch = train_surrogate(spec, train, cfg, lambda s, frac, met: progress("evaluate", 0.3 * frac, met))
+        subset = evaluation_subset(test, cfg)
+        results = evaluate(models, surrogate, subset.x, subset.y, cfg.evaluate, stage_seed(cfg.seed, "evaluate"),
                            lambda s, frac, met: progress("evaluate", 0.3 + 0.7 * frac, met))
         return {"models": results, "surrogate": {"architecture": arch, "clean_accuracy": accuracy(surrogate, subset.x, subset.y),
                                                  "epochs": cfg.evaluate.surrogate_epochs}, "n": len(subset)}
@@ -200,7 +211,7 @@ def harden(
             "curve": {"eps": adv["calibration"].grid_eps, "crossing_rate": adv["calibration"].grid_crossing_rate},
             "examples": len(adv["examples"]["ladder"].y),
         },
-        "finetune_loss": tuned["loss"],
+        "finetune": {"loss": tuned["loss"], "seconds": tuned["seconds"]},
         "surrogate": ev["surrogate"],
         "models": ev["models"],
     }
