@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +51,27 @@ def _decode(value: Any, tensors: dict[str, Tensor]) -> Any:
     module, _, name = value["__dataclass__"].partition(":")
     if not module.startswith(_DATACLASS_MODULES):
         raise ValueError(f"refusing to build {value['__dataclass__']}: not one of the method's dataclasses")
-    cls = getattr(importlib.import_module(module), name)
+    cls = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ValueError(f"refusing to build {value['__dataclass__']}: not a dataclass")
     return cls(**{k: _decode(v, tensors) for k, v in value["fields"].items()})
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Let `write` fill a temporary file beside `path`, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save(value: Any, path: Path) -> None:
     """Write `value` to `path` (safetensors) atomically."""
     tensors: dict[str, Tensor] = {}
     meta = json.dumps(_encode(value, tensors))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"ladder": meta})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"ladder": meta}))
 
 
 def load(path: Path) -> Any:
@@ -74,8 +85,7 @@ class DirectoryStore:
     """A StageStore that keeps each stage's output as `<dir>/<stage>.safetensors`."""
 
     def __init__(self, directory: Path):
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory  # made on the first save, so a run refused at the start leaves nothing
 
     def load(self, stage: str) -> Any | None:
         """The stage's stored output, or None."""
@@ -84,4 +94,5 @@ class DirectoryStore:
 
     def save(self, stage: str, value: Any) -> None:
         """Store the stage's output."""
+        self.directory.mkdir(parents=True, exist_ok=True)
         save(value, self.directory / f"{stage}.safetensors")

@@ -3,7 +3,6 @@
 import argparse
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -14,13 +13,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from services.checkpoints import DirectoryStore
-from services.datasets import ImageData, conform, load_npz, mnist5k, require_every_class, save_npz, stratified_split
+import services
+from services.checkpoints import DirectoryStore, atomic_write
+from services.datasets import (
+    ImageData, channels_first, conform, load_npz, mnist5k, mnist_idx, require_every_class, save_npz, stratified_split,
+)
 from services.errors import InputError
 from services.method.config import LadderConfig
 from services.method.finetune import accuracy, fit
 from services.method.models import ModelSpec, build_classifier, net_weights
-from services.method.pipeline import STAGES, harden
+from services.method.pipeline import STAGE_SCHEMA, STAGES, harden
 
 BUILTIN_DATA = {"mnist5k": mnist5k}
 console = Console(stderr=True)
@@ -73,20 +75,16 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"model weights {path} are not a valid safetensors file ({e}); save them with safetensors.torch.save_file") from e
 
 
-def load_data(source: str, what: str) -> ImageData:
-    """Built-in data by name, or an .npz file."""
+def load_data(source: str, what: str, split: str = "train") -> ImageData:
+    """Built-in data by name, a folder of MNIST IDX files (its `train` or `t10k` split), or an .npz file."""
     if source in BUILTIN_DATA:
         return BUILTIN_DATA[source]()
     path = Path(source)
+    if path.is_dir():
+        return mnist_idx(path, split)
     if not path.exists():
-        raise InputError(f"{what} {source} not found; give an .npz file or one of: {', '.join(BUILTIN_DATA)}")
+        raise InputError(f"{what} {source} not found; give an .npz file, a folder of MNIST IDX files or one of: {', '.join(BUILTIN_DATA)}")
     return load_npz(path, f"{what} {source}")
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _digest(*parts: bytes) -> str:
@@ -102,13 +100,14 @@ class _Bars:
     def __init__(self, stages: tuple[str, ...]):
         self.progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                                  TextColumn("{task.fields[metric]}"), TimeElapsedColumn(), console=console)
-        self.tasks = {s: self.progress.add_task(s, total=1.0, metric="", start=False) for s in stages}
+        self.tasks = {s: self.progress.add_task(s, total=1.0, metric="", start=False, visible=False) for s in stages}
 
     def __call__(self, stage: str, fraction: float, metrics: dict[str, float]) -> None:
         task = self.tasks.get(stage)
         if task is None:
             return
-        self.progress.start_task(task)
+        self.progress.start_task(task)  # a bar shows once its stage reports: an early refusal prints one line
+        self.progress.update(task, visible=True)
         metric = " ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:2])
         self.progress.update(task, completed=fraction, **({"metric": metric} if metric else {}))
 
@@ -116,15 +115,19 @@ class _Bars:
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a vanilla classifier (the paper's recipe: SGD lr 0.01, momentum 0.5, batch 64)."""
     data = load_data(args.data, "training data")
-    if args.test:
-        train, test = data, load_data(args.test, "test data")
+    if args.test or Path(args.data).is_dir():
+        train, test = data, load_data(args.test or args.data, "test data", "t10k")
     else:
         train, test = stratified_split(data, 0.2, args.seed)
+    train = channels_first(train)
     num_classes = int(train.y.max()) + 1
-    spec = ModelSpec(
-        architecture=args.architecture, num_classes=num_classes, input_shape=tuple(train.x.shape[1:]),
-        mean=train.x.mean((0, 2, 3)).tolist(), std=train.x.std((0, 2, 3)).clamp_min(1e-3).tolist(),
-    )
+    try:
+        spec = ModelSpec(
+            architecture=args.architecture, num_classes=num_classes, input_shape=tuple(train.x.shape[1:]),
+            mean=train.x.mean((0, 2, 3)).tolist(), std=train.x.std((0, 2, 3)).clamp_min(1e-3).tolist(),
+        )
+    except ValidationError as e:
+        raise InputError(_one_line(e, "model spec")) from e
     train = conform(train, spec.input_shape, num_classes, "training data")
     test = conform(test, spec.input_shape, num_classes, "test data")
     torch.manual_seed(args.seed)
@@ -138,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     save_npz(train, out / "train.npz")
     save_npz(test, out / "test.npz")
     (out / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
-    _write_atomic(out / "model.safetensors", lambda p: save_file(net_weights(model), str(p)))
+    atomic_write(out / "model.safetensors", lambda p: save_file(net_weights(model), str(p)))
     print(f"{spec.architecture}: test accuracy {accuracy(model, test.x, test.y):.4f} on {len(test)} images")
     print(f"wrote {out}/model.safetensors, spec.json, train.npz, test.npz")
 
@@ -151,12 +154,14 @@ def cmd_harden(args: argparse.Namespace) -> None:
     model = build_classifier(spec, weights)
     train = conform(load_data(args.train, "training data"), spec.input_shape, spec.num_classes, "training data")
     if args.test:
-        test = conform(load_data(args.test, "test data"), spec.input_shape, spec.num_classes, "test data")
+        test = conform(load_data(args.test, "test data", "t10k"), spec.input_shape, spec.num_classes, "test data")
     else:
         train, test = stratified_split(train, config.test_fraction, config.seed)
     require_every_class(train, spec.num_classes, 3, "training data")
+    if len(test) == 0:
+        raise InputError("the test split is empty; give --test data or a larger test_fraction in the config")
     out = Path(args.out)
-    key = _digest(Path(args.model).read_bytes(), spec.model_dump_json().encode(), config.model_dump_json().encode(),
+    key = _digest(f"{services.__version__}/{STAGE_SCHEMA}".encode(), Path(args.model).read_bytes(), spec.model_dump_json().encode(), config.model_dump_json().encode(),
                   train.x.numpy().tobytes(), train.y.numpy().tobytes(), test.x.numpy().tobytes(), test.y.numpy().tobytes())
     store = DirectoryStore(out / "stages" / key)
     bars = _Bars(STAGES)
@@ -166,9 +171,9 @@ def cmd_harden(args: argparse.Namespace) -> None:
     models_dir.mkdir(exist_ok=True)
     for name, m in result.models.items():
         if name != "vanilla":
-            _write_atomic(models_dir / f"{name}.safetensors", lambda p, m=m: save_file(net_weights(m), str(p)))
-    _write_atomic(out / "hardened.safetensors", lambda p: save_file(net_weights(result.models["ladder"]), str(p)))
-    _write_atomic(out / "report.json", lambda p: p.write_text(json.dumps(result.report, indent=2) + "\n"))
+            atomic_write(models_dir / f"{name}.safetensors", lambda p, m=m: save_file(net_weights(m), str(p)))
+    atomic_write(out / "hardened.safetensors", lambda p: save_file(net_weights(result.models["ladder"]), str(p)))
+    atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(result.report, indent=2) + "\n"))
     print_summary(result.report)
     print(f"wrote {out}/hardened.safetensors and {out}/report.json")
 
@@ -191,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a vanilla classifier to harden")
     t.add_argument("--architecture", default="lenet")
-    t.add_argument("--data", default="mnist5k", help="mnist5k or an .npz with x and y")
-    t.add_argument("--test", help="an .npz of test data (default: a stratified 20%% hold-out)")
+    t.add_argument("--data", default="mnist5k", help="mnist5k, a folder of MNIST IDX files, or an .npz with x and y")
+    t.add_argument("--test", help="test data (default: the IDX folder's t10k split, else a stratified 20%% hold-out)")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--lr", type=float, default=0.01)
     t.add_argument("--seed", type=int, default=0)

@@ -44,16 +44,21 @@ def mnist_idx(directory: Path, split: str) -> ImageData:
     def read(name: str) -> bytes:
         for path in (directory / f"{name}.gz", directory / name):
             if path.exists():
-                return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+                try:
+                    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+                except (OSError, EOFError) as e:
+                    raise InputError(f"{path} is not a readable gzip file ({e})") from e
         raise InputError(f"{directory / name}(.gz) not found; point to the folder holding the MNIST IDX files")
 
     images, labels = read(f"{split}-images-idx3-ubyte"), read(f"{split}-labels-idx1-ubyte")
+    if len(images) < 16 or len(labels) < 8:
+        raise InputError(f"{directory}: the {split!r} IDX files are truncated")
     magic, n, rows, cols = struct.unpack(">IIII", images[:16])
     lmagic, ln = struct.unpack(">II", labels[:8])
-    if magic != 2051 or lmagic != 2049 or n != ln:
-        raise InputError(f"{directory} does not hold valid MNIST IDX files for {split!r}")
-    x = np.frombuffer(images, np.uint8, offset=16).reshape(n, 1, rows, cols)
-    return _from_arrays(x, np.frombuffer(labels, np.uint8, offset=8), f"MNIST {split}")
+    if magic != 2051 or lmagic != 2049 or n != ln or len(images) != 16 + n * rows * cols or len(labels) != 8 + n:
+        raise InputError(f"{directory} does not hold valid, complete MNIST IDX files for {split!r}")
+    x = np.frombuffer(images, np.uint8, offset=16).reshape(n, 1, rows, cols).copy()  # writable for torch
+    return _from_arrays(x, np.frombuffer(labels, np.uint8, offset=8).copy(), f"MNIST {split}")
 
 
 def load_npz(path: Path, what: str) -> ImageData:
@@ -99,6 +104,14 @@ def _from_arrays(x: np.ndarray, y: np.ndarray, what: str) -> ImageData:
     else:
         raise InputError(f"{what}: images have dtype {x.dtype}; give uint8 (0–255) or float in [0,1]")
     return ImageData(xt, torch.from_numpy(y.astype(np.int64)))
+
+
+def channels_first(data: ImageData) -> ImageData:
+    """N×H×W×C images (C of 1, 3 or 4 last, more than 4 in front) turned N×C×H×W; others unchanged."""
+    c_last, c_front = data.x.shape[3], data.x.shape[1]
+    if c_last in (1, 3, 4) and c_front > 4:
+        return ImageData(data.x.permute(0, 3, 1, 2).contiguous(), data.y)
+    return data
 
 
 def conform(data: ImageData, input_shape: tuple[int, int, int], num_classes: int, what: str) -> ImageData:

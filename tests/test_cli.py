@@ -48,6 +48,8 @@ def _cases(good: Path, tmp: Path) -> dict[str, tuple[dict, str]]:
     (tmp / "badconfig.json").write_text(json.dumps({"finetune": {"epochs": 0}}))
     (tmp / "unknownkey.json").write_text(json.dumps({"finetune": {"epoch": 3}}))
     (tmp / "garbage.npz").write_bytes(b"not a zip at all")
+    (tmp / "badlayer.json").write_text(json.dumps({"latent_layer": "conv9"}))
+    (tmp / "badsurrogate.json").write_text(json.dumps({"evaluate": {"surrogate_architecture": "nonet"}}))
     return {
         "truncated weights": ({"model": str(tmp / "truncated.safetensors")}, "not a valid safetensors file"),
         "NaN weights": ({"model": str(tmp / "nan.safetensors")}, "NaN or Inf"),
@@ -70,6 +72,10 @@ def _cases(good: Path, tmp: Path) -> dict[str, tuple[dict, str]]:
         "label count": ({"train": _npz(tmp / "c.npz", x=x, y=y[:-1])}, "one label per image"),
         "not an npz": ({"train": str(tmp / "garbage.npz")}, "not a readable .npz"),
         "missing file": ({"train": str(tmp / "nowhere.npz")}, "not found"),
+        "bad latent layer": ({"config": str(tmp / "badlayer.json")}, "latent_layer 'conv9'"),
+        "bad surrogate": ({"config": str(tmp / "badsurrogate.json")}, "surrogate_architecture"),
+        "HWC data with C mismatch": ({"train": _npz(tmp / "h.npz", x=np.repeat(x[:, 0, :, :, None], 3, axis=3), y=y)},
+                                     "the model takes [1, 28, 28]"),
         "class too rare": ({"train": _npz(tmp / "r.npz", x=np.concatenate([x[y != 3], x[y == 3][:1]]),
                                           y=np.concatenate([y[y != 3], y[y == 3][:1]]))}, "1 samples of class 3"),
     }

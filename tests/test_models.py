@@ -79,3 +79,37 @@ def test_weights_are_checked_against_the_spec():
     with pytest.raises(InputError, match="cannot take inputs"):
         small = spec.model_copy(update={"architecture": "vgg11_bn", "input_shape": (1, 16, 16)})
         build_classifier(small)
+
+
+def test_full_mnist_idx_files_load_with_their_documented_counts():
+    from pathlib import Path
+
+    from services.datasets import mnist_idx
+
+    folder = Path(__file__).resolve().parents[2] / "shared/datasets/mnist"
+    if not folder.exists():
+        pytest.skip("full MNIST is not beside this checkout")
+    test = mnist_idx(folder, "t10k")
+    assert test.x.shape == (10000, 1, 28, 28) and test.x.dtype == torch.float32
+    assert torch.bincount(test.y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert abs(test.x.mean().item() - 0.1325) < 1e-3
+    with pytest.raises(InputError, match="not found"):
+        mnist_idx(folder.parent, "train")
+
+
+def test_latents_and_attacks_restore_each_layers_own_mode():
+    from services.method.attacks import fgsm
+    from services.method.config import AttackConfig
+    from services.method.latents import extract_latents
+
+    spec = ModelSpec(architecture="svhnnet", num_classes=10, input_shape=(3, 32, 32), mean=[0.5], std=[0.25])
+    model = build_classifier(spec)  # BatchNorm and dropout
+    split = prepare(model, spec)
+    x = torch.rand(16, 3, 32, 32)
+    for training in (False, True):
+        model.train(training)
+        running = model.net.features[0][1].running_mean.clone()
+        extract_latents(split, x)
+        fgsm(model, x, torch.zeros(16, dtype=torch.long), AttackConfig(eps=0.1), torch.Generator())
+        assert all(m.training == training for m in model.modules())
+        assert torch.equal(running, model.net.features[0][1].running_mean)  # eval mode: BN statistics untouched

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from services.method.config import AttackConfig
+from services.method.models import eval_mode
 
 Attack = Callable[[nn.Module, Tensor, Tensor, AttackConfig, torch.Generator], Tensor]
 
@@ -25,12 +26,8 @@ def _input_grad(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 def _in_eval(attack: Attack) -> Attack:
     def run(model: nn.Module, x: Tensor, y: Tensor, cfg: AttackConfig, gen: torch.Generator) -> Tensor:
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             return attack(model, x, y, cfg, gen).detach()
-        finally:
-            model.train(was_training)
 
     run.__doc__ = attack.__doc__
     return run

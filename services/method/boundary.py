@@ -63,11 +63,11 @@ class Boundary:
             beta[rows] = _beta(self.u[p : p + 1], self.v[p : p + 1], self.a[p : p + 1], z[rows][None] / self.scale)[0]
         return beta
 
-    def direction(self, z: Tensor, source: Tensor, target: Tensor) -> Tensor:
-        """β ⊙ d oriented from each sample's source class towards its target class; (N, D)."""
+    def direction(self, z: Tensor, source: Tensor, target: Tensor, noise: Tensor | None = None) -> Tensor:
+        """β ⊙ (d + noise), d oriented from each sample's source class towards its target class; (N, D)."""
         index, sign = self.pair_index(source, target)
         normal = F.normalize(self.w, dim=1)[index] * sign[:, None]
-        return self.attention(z, index) * normal
+        return self.attention(z, index) * (normal if noise is None else normal + noise)
 
 
 def _beta(u: Tensor, v: Tensor, a: Tensor, z: Tensor) -> Tensor:

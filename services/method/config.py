@@ -21,16 +21,16 @@ class BoundaryConfig(_Section):
     attention_rank: int = Field(16, ge=1, description="rank of the attention map A (D×D when ≥ D)")
     l2: float = Field(1e-3, gt=0, description="L2 penalty on w")
     newton_steps: int = Field(50, ge=1, description="cap on finite-Newton steps for the linear SVM (exact at stop)")
-    attention_steps: int = Field(30, ge=0, description="L-BFGS iterations refining attention and SVM together")
+    attention_steps: int = Field(30, ge=1, description="L-BFGS iterations refining attention and SVM together")
 
 
 class GeneratorConfig(_Section):
     """Stage 3: G maps latents back to [0,1] images; trained on a time/epoch budget."""
 
-    preset: Literal["auto", "mnist", "svhn", "celeba", "generic"] = "auto"
+    preset: Literal["auto", "mnist", "generic"] = "auto"
     loss: Literal["l2", "l1"] = "l2"
-    max_epochs: int = Field(60, ge=1)
-    time_budget_s: float = Field(30.0, gt=0)
+    max_epochs: int = Field(15, ge=1, description="the binding limit by default, so runs repeat on any machine")
+    time_budget_s: float = Field(300.0, gt=0, description="a safety cap on wall time (makes runs machine-dependent)")
     patience: int = Field(6, ge=1, description="epochs without held-out improvement before stopping")
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(128, ge=1)
@@ -47,8 +47,7 @@ class PerturbConfig(_Section):
     calibration_samples: int = Field(2000, ge=10)
     samples_per_class: int | None = Field(None, ge=1, description="source images per class; None = all")
     batch_size: int = Field(1024, ge=1)
-    random_scale: float = Field(0.1, gt=0, description="LADDER_Random: d ~ N(0, I)·scale (authors: /10)")
-    cav_noise: float = Field(0.01, gt=0, description="LADDER_cavRandom: d + N(0, I)·noise (authors: /100)")
+    cav_noise: float = Field(0.01, gt=0, description="LADDER_cavRandom: β ⊙ (d + N(0, I)·noise) (authors: /100)")
 
     @field_validator("eps")
     @classmethod
@@ -93,6 +92,17 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(500, ge=1)
     surrogate_architecture: str = Field("auto", description="black-box model; auto = smallcnn (lenet for a smallcnn)")
     surrogate_epochs: int = Field(10, ge=1)
+    surrogate_lr: float = Field(0.01, gt=0)
+    surrogate_momentum: float = Field(0.9, ge=0, lt=1)
+
+    @field_validator("surrogate_architecture")
+    @classmethod
+    def _known_architecture(cls, v: str) -> str:
+        from services.method.models import available_architectures
+
+        if v != "auto" and v not in available_architectures():
+            raise ValueError(f"unknown architecture {v!r}; use auto, a zoo net or a torchvision builder name")
+        return v
 
 
 class LadderConfig(_Section):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from services.method.models import eval_mode
 from services.method.progress import Progress, silent
 
 Craft = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -79,11 +80,9 @@ def fit(
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
     """Fraction of (x, y) the model classifies correctly, in eval mode (the mode is restored)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     correct = 0
-    for i in range(0, len(x), batch_size):
-        correct += (model(x[i : i + batch_size].to(device)).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            correct += (model(x[i : i + batch_size].to(device)).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
     return correct / max(len(x), 1)

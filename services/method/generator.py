@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from services.errors import InputError
 from services.method.config import GeneratorConfig
+from services.method.models import eval_mode
 from services.method.progress import Progress, silent
 
 
@@ -60,7 +62,7 @@ def resolve_preset(preset: str, shape: tuple[int, int, int]) -> str:
     if preset == "auto":
         return "mnist" if shape[1:] == (28, 28) else "generic"
     if preset == "mnist" and shape[1:] != (28, 28):
-        raise ValueError(f"the mnist generator preset makes 28×28 images, not {shape[1]}×{shape[2]}; use generic")
+        raise InputError(f"the mnist generator preset makes 28×28 images, not {shape[1]}×{shape[2]}; use generic")
     return preset
 
 
@@ -140,11 +142,9 @@ def train_generator(z: Tensor, x: Tensor, cfg: GeneratorConfig, seed: int, progr
 def fidelity(g: Generator, classifier: nn.Module, z: Tensor, x: Tensor, y: Tensor, x_train: Tensor) -> dict[str, float]:
     """Held-out reconstruction MSE, the MSE of predicting the mean training image, and f's accuracy on G(z)."""
     recon = torch.cat([g(z[i : i + 1024]) for i in range(0, len(z), 1024)])
-    was_training = classifier.training
-    classifier.eval()
-    acc = (classifier(recon).argmax(1) == y).float().mean().item()
-    clean = (classifier(x).argmax(1) == y).float().mean().item()
-    classifier.train(was_training)
+    with eval_mode(classifier):
+        acc = (classifier(recon).argmax(1) == y).float().mean().item()
+        clean = (classifier(x).argmax(1) == y).float().mean().item()
     return {
         "reconstruction_mse": F.mse_loss(recon, x).item(),
         "mean_image_mse": F.mse_loss(x_train.mean(0, keepdim=True).expand_as(x), x).item(),

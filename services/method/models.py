@@ -8,6 +8,8 @@ checked numerically: h(Φ(x)) must equal f(x).
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -227,6 +229,18 @@ def net_weights(model: Classifier) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in model.net.state_dict().items()}
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run a block in eval mode, then restore every submodule's own mode (wrappers share layers)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class LatentSplit(nn.Module):
     """f = h ∘ Φ cut at the input of one layer; latents are flattened to (B, D)."""
 
@@ -239,12 +253,15 @@ class LatentSplit(nn.Module):
 
     @property
     def dim(self) -> int:
+        """D, the number of latent features."""
         return math.prod(self.latent_shape)
 
     def features(self, x: Tensor) -> Tensor:
-        return self.phi(x).flatten(1)  # (B, D)
+        """Φ(x): (B, C, H, W) → (B, D)."""
+        return self.phi(x).flatten(1)
 
     def head(self, z: Tensor) -> Tensor:
+        """h(z): (B, D) → (B, classes)."""
         return self.h(z.view(z.shape[0], *self.latent_shape))  # (B, classes)
 
 
@@ -308,16 +325,11 @@ def split_latents(model: Classifier, input_shape: tuple[int, int, int], layer: s
 def prepare(model: Classifier, spec: ModelSpec, layer: str | None = None) -> LatentSplit:
     """Split the model at its latent layer and check that h(Φ(x)) reproduces f(x) on random inputs."""
     split = split_latents(model, spec.input_shape, layer if layer is not None else spec.latent_layer)
-    was_training = model.training
-    model.eval()
-    try:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.rand(8, *spec.input_shape, generator=gen).to(next(iter(model.buffers())).device)
-        with torch.no_grad():
-            logits = model(x)
-            again = split.head(split.features(x))
-    finally:
-        model.train(was_training)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(8, *spec.input_shape, generator=gen).to(next(iter(model.buffers())).device)
+    with torch.no_grad(), eval_mode(model):
+        logits = model(x)
+        again = split.head(split.features(x))
     tol = 1e-4 * (1 + logits.abs().max().item())
     if not torch.allclose(logits, again, atol=tol, rtol=1e-4):
         raise InputError(f"h(Φ(x)) does not reproduce f(x) when split at {split.layer!r}; choose another latent_layer")

@@ -1,13 +1,15 @@
 """Stage 4: boundary-guided examples x̂ = G(z + ε·β⊙d), labelled with the source class (method.md, stage 4).
 
 ε has no fixed unit (it depends on ‖z‖ and the margins of each model), so by default it is
-calibrated per model: for each latent, with a random target t ≠ y, find the smallest ε on a
-geometric grid at which the head predicts t; the ε list is the given quantiles of those
-crossing points, and the table records the measured crossing rate at each chosen ε.
+calibrated per model: for each latent, with a random target t ≠ y, find the smallest ε at which
+the head predicts t (a geometric grid brackets it, bisection refines it); the ε list is the
+given quantiles of those crossing points, and the table records the measured crossing rate at
+each chosen ε.
 
-Directions: `boundary` is LADDER (β ⊙ d, d the SVM normal oriented y → t); `random` replaces d
-by N(0, I)·random_scale (LADDER_Random); `cav_random` uses β ⊙ (d + N(0, I)·cav_noise)
-(LADDER_cavRandom). Both variants follow the authors' noise scales.
+Directions: `boundary` is LADDER (β ⊙ d, d the SVM normal oriented y → t); `random` is a
+Gaussian direction rescaled to the norm of each sample's LADDER step (LADDER_Random; the authors
+used N(0, I)/10, whose norm grows with √D, so the ablation would change the step size too);
+`cav_random` is β ⊙ (d + N(0, I)·cav_noise) (LADDER_cavRandom, the authors' noise scale).
 """
 
 from dataclasses import dataclass
@@ -17,10 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from services.method.boundary import Boundary
+from services.method.models import eval_mode
 from services.method.progress import Progress, silent
 
 Direction = Literal["boundary", "random", "cav_random"]
 _GRID_POINTS = 64
+_BISECTIONS = 12
 _FLIP_CHECKS = 1000
 
 
@@ -30,17 +34,16 @@ def random_targets(y: Tensor, num_classes: int, gen: torch.Generator) -> Tensor:
 
 
 def directions(
-    boundary: Boundary, z: Tensor, y: Tensor, t: Tensor, kind: Direction, gen: torch.Generator,
-    random_scale: float = 0.1, cav_noise: float = 0.01,
+    boundary: Boundary, z: Tensor, y: Tensor, t: Tensor, kind: Direction, gen: torch.Generator, cav_noise: float = 0.01
 ) -> Tensor:
     """The per-sample latent step whose multiples by ε make the examples; (N, D)."""
-    if kind == "random":
-        return torch.randn(z.shape, generator=gen) * random_scale
     if kind == "cav_random":
-        index, sign = boundary.pair_index(y, t)
-        normal = torch.nn.functional.normalize(boundary.w, dim=1)[index] * sign[:, None]
-        return boundary.attention(z, index) * (normal + torch.randn(z.shape, generator=gen) * cav_noise)
-    return boundary.direction(z, y, t)
+        return boundary.direction(z, y, t, torch.randn(z.shape, generator=gen) * cav_noise)
+    step = boundary.direction(z, y, t)
+    if kind == "random":
+        noise = torch.randn(z.shape, generator=gen)
+        return noise * (step.norm(dim=1, keepdim=True) / noise.norm(dim=1, keepdim=True))
+    return step
 
 
 @torch.no_grad()
@@ -51,6 +54,20 @@ def _crosses(head: nn.Module, z: Tensor, step: Tensor, eps: Tensor, t: Tensor, b
         for i in range(0, len(z), batch):
             out[k, i : i + batch] = head(z[i : i + batch] + e * step[i : i + batch]).argmax(1) == t[i : i + batch]
     return out
+
+
+@torch.no_grad()
+def _first_crossing(head: nn.Module, z: Tensor, step: Tensor, t: Tensor, grid: Tensor, crossed: Tensor) -> Tensor:
+    """Per latent, the smallest ε that makes h predict t: bracketed on the grid, then bisected. (N,)"""
+    ever = crossed.any(0)
+    first = crossed.float().argmax(0)  # first grid index that crosses (0 where none does)
+    hi = torch.where(ever, grid[first], grid[-1])
+    lo = torch.where(first > 0, grid[(first - 1).clamp_min(0)], torch.zeros_like(hi))
+    for _ in range(_BISECTIONS):
+        mid = (lo + hi) / 2
+        hit = head(z + mid[:, None] * step).argmax(1) == t
+        hi, lo = torch.where(hit, mid, hi), torch.where(hit, lo, mid)
+    return torch.where(ever, hi, grid[-1])  # never crossing → the grid's end
 
 
 @dataclass
@@ -78,8 +95,7 @@ def calibrate(
     crossed = _crosses(head, z, step, grid, t)  # (G, N)
     rate = crossed.float().mean(1)
     if eps is None:
-        first = torch.where(crossed.any(0), crossed.float().argmax(0), len(grid))  # first grid index that crosses
-        per_sample = torch.cat([grid, grid[-1:]])[first]  # never crossing → the grid's end
+        per_sample = _first_crossing(head, z, step, t, grid, crossed)
         chosen: dict[float, float] = {}
         for q in quantiles:
             chosen.setdefault(per_sample.quantile(q).item(), q)  # quantiles that coincide give one ε
@@ -109,15 +125,15 @@ def generate(
     """x̂ = G(z + ε·step) for every sample and ε, as batched forward passes of G."""
     n = len(z)
     xs, flips = [], []
-    total = len(eps) * n
-    for k, e in enumerate(eps):
-        flipped = checked = 0
-        for i in range(0, n, batch_size):
-            x = generator(z[i : i + batch_size] + e * step[i : i + batch_size])
-            if checked < _FLIP_CHECKS:  # a sample of each ε is enough for the rate; keeps generation at G's speed
-                flipped += (classifier(x).argmax(1) == t[i : i + batch_size]).sum().item()
-                checked += len(x)
-            xs.append(x)
-            progress("adversarial", (k * n + i + len(x)) / total, {})
-        flips.append(flipped / checked)
+    with eval_mode(generator), eval_mode(classifier):
+        for k, e in enumerate(eps):
+            flipped = checked = 0
+            for i in range(0, n, batch_size):
+                x = generator(z[i : i + batch_size] + e * step[i : i + batch_size])
+                if checked < _FLIP_CHECKS:  # a sample of each ε is enough for the rate; keeps generation at G's speed
+                    flipped += (classifier(x).argmax(1) == t[i : i + batch_size]).sum().item()
+                    checked += len(x)
+                xs.append(x)
+                progress("adversarial", (k * n + i + len(x)) / (len(eps) * n), {})
+            flips.append(flipped / checked)
     return Adversarial(torch.cat(xs), y.repeat(len(eps)), t.repeat(len(eps)), list(eps), flips)

@@ -21,13 +21,14 @@ from services.method.boundary import fit_boundary
 from services.method.config import LadderConfig
 from services.method.evaluate import evaluate, surrogate_architecture
 from services.method.finetune import accuracy, fit
-from services.method.generator import fidelity, train_generator
+from services.method.generator import fidelity, resolve_preset, train_generator
 from services.method.latents import extract_latents
 from services.method.models import Classifier, ModelSpec, build_classifier, net_weights, prepare
 from services.method.perturb import calibrate, directions, generate, random_targets
 from services.method.progress import Progress, silent
 
 STAGES = ("latents", "boundary", "generator", "adversarial", "finetune", "evaluate")
+STAGE_SCHEMA = 1  # bump when a stage's stored output changes shape, so old stored stages are not reused
 VARIANT_DIRECTIONS = {"ladder": "boundary", "ladder_random": "random", "ladder_cavrandom": "cav_random"}
 
 
@@ -64,7 +65,7 @@ class HardenResult:
 
 def stage_seed(seed: int, stage: str) -> int:
     """The seed of one stage, derived from the run's seed."""
-    return seed * 1009 + STAGES.index(stage) * 7 + 1 if stage in STAGES else seed * 1009 + 997
+    return seed * 1009 + STAGES.index(stage) * 7 + 1
 
 
 def versions() -> dict[str, str]:
@@ -89,7 +90,8 @@ def train_surrogate(spec: ModelSpec, train: ImageData, cfg: LadderConfig, progre
     seed = stage_seed(cfg.seed, "evaluate")
     torch.manual_seed(seed)
     surrogate = build_classifier(spec.model_copy(update={"architecture": arch, "latent_layer": None}))
-    fit(surrogate, train.x, train.y, epochs=cfg.evaluate.surrogate_epochs, lr=cfg.finetune.lr, momentum=0.9,
+    fit(surrogate, train.x, train.y, epochs=cfg.evaluate.surrogate_epochs, lr=cfg.evaluate.surrogate_lr,
+        momentum=cfg.evaluate.surrogate_momentum,
         batch_size=cfg.finetune.batch_size, seed=seed, stage="evaluate", progress=progress)
     return surrogate, arch
 
@@ -111,6 +113,7 @@ def harden(
     cfg, times = config, {}
     model.eval()
     split = prepare(model, spec, cfg.latent_layer)
+    resolve_preset(cfg.generator.preset, spec.input_shape)  # refuse a preset that cannot fit before any work
     num_classes = spec.num_classes
 
     def stage(name: str, run):
@@ -131,10 +134,10 @@ def harden(
     def adversarial() -> dict:
         gen = torch.Generator().manual_seed(stage_seed(cfg.seed, "adversarial"))
         src = _per_class(train.y, cfg.perturb.samples_per_class, gen)
+        src = src[torch.randperm(len(src), generator=gen)]  # calibration and flip checks take leading rows: mix classes
         zs, ys = z[src], train.y[src]
         targets = random_targets(ys, num_classes, gen)
-        steps = {name: directions(boundary, zs, ys, targets, VARIANT_DIRECTIONS[name], gen,
-                                  cfg.perturb.random_scale, cfg.perturb.cav_noise)
+        steps = {name: directions(boundary, zs, ys, targets, VARIANT_DIRECTIONS[name], gen, cfg.perturb.cav_noise)
                  for name in ["ladder", *cfg.variants]}
         cal_n = min(len(zs), cfg.perturb.calibration_samples)
         cal = calibrate(split.head, zs[:cal_n], steps["ladder"][:cal_n], targets[:cal_n],
@@ -193,6 +196,7 @@ def harden(
         "stage_seconds": times,
         "boundary": {
             "pairs": len(boundary.pairs),
+            "train_accuracy_mean": boundary.train_accuracy.mean().item(),
             "holdout_accuracy_mean": boundary.holdout_accuracy.mean().item(),
             "holdout_accuracy_min": boundary.holdout_accuracy.min().item(),
             **boundary.fit,
