@@ -11,7 +11,7 @@ For each seed, in one process run:
 5. time generation (directions + G) against G's pure forward pass on the same latents.
 
 Writes bench/results/engine.json and prints a markdown summary for docs/benchmarks.md.
-Run:  .venv/bin/python bench/engine.py [--seeds 0 1 2]
+Run:  .venv/bin/python bench/engine.py [--seeds 0 1 2] [--config '{"finetune": {"alpha": 0.75}}' --out FILE]
 """
 
 import argparse
@@ -66,7 +66,7 @@ def _throughput(run_dir: Path, report: dict, model, train, seed: int) -> dict:
     return {"images": n, "generation_per_s": n / generation, "forward_per_s": n / forward, "ratio": forward / generation}
 
 
-def run_seed(seed: int, work: Path) -> dict:
+def run_seed(seed: int, work: Path, overrides: dict) -> dict:
     """Everything for one seed; returns its raw numbers."""
     train, test = stratified_split(mnist5k(), 0.2, 0)
     torch.manual_seed(seed)
@@ -78,7 +78,7 @@ def run_seed(seed: int, work: Path) -> dict:
     (run / "spec.json").write_text(SPEC.model_dump_json())
     save_npz(train, run / "train.npz")
     save_npz(test, run / "test.npz")
-    config = LadderConfig(seed=seed)
+    config = LadderConfig.model_validate({**overrides, "seed": seed})
     (run / "config.json").write_text(config.model_dump_json())
     started = time.perf_counter()
     subprocess.run(
@@ -182,17 +182,20 @@ def main() -> None:
     """Run every seed, then write the JSON and print the markdown."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--config", type=json.loads, default={}, help="LadderConfig overrides as JSON (default: none)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/engine.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         runs = []
         for seed in args.seeds:
-            runs.append(run_seed(seed, Path(tmp)))
+            runs.append(run_seed(seed, Path(tmp), args.config))
             print(f"seed {seed}: harden {runs[-1]['harden_seconds']:.0f}s", file=sys.stderr, flush=True)
     summary = summarise(runs)
     result = {
-        "command": "python bench/engine.py --seeds " + " ".join(map(str, args.seeds)),
+        "command": " ".join(["python bench/engine.py --seeds", *map(str, args.seeds)]
+                            + ([f"--config '{json.dumps(args.config)}'"] if args.config else [])),
+        "config_overrides": args.config,
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         **summary, "runs": runs,
     }
