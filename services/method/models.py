@@ -68,43 +68,38 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-class LeNet(nn.Module):
-    """The paper's LeNet: conv20-5, pool, conv50-5, pool, fc500, fc(classes); latents = fc2's 500-d input."""
+class _TwoConv(nn.Module):
+    """conv-k, ReLU, pool 2, conv-k, ReLU, pool 2, fc(hidden), ReLU, fc(classes); latents = fc2's input."""
 
-    def __init__(self, num_classes: int, in_channels: int, hw: tuple[int, int]):
+    def __init__(self, num_classes: int, in_channels: int, hw: tuple[int, int], k: int, widths: tuple[int, int], hidden: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 20, 5)
-        self.conv2 = nn.Conv2d(20, 50, 5)
-        h, w = ((hw[0] - 4) // 2 - 4) // 2, ((hw[1] - 4) // 2 - 4) // 2
+        self.conv1 = nn.Conv2d(in_channels, widths[0], k)
+        self.conv2 = nn.Conv2d(widths[0], widths[1], k)
+        h, w = ((hw[0] - k + 1) // 2 - k + 1) // 2, ((hw[1] - k + 1) // 2 - k + 1) // 2
         if min(h, w) < 1:
-            raise InputError(f"lenet needs inputs of at least 16×16 pixels, got {hw[0]}×{hw[1]}")
-        self.fc1 = nn.Linear(50 * h * w, 500)
-        self.fc2 = nn.Linear(500, num_classes)
+            raise InputError(f"{type(self).__name__.lower()} needs larger inputs than {hw[0]}×{hw[1]} pixels")
+        self.fc1 = nn.Linear(widths[1] * h * w, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.relu(self.fc1(x.flatten(1)))  # (B, 500): the latent
+        x = F.relu(self.fc1(x.flatten(1)))  # (B, hidden): the latent
         return self.fc2(x)
 
 
-class SmallCNN(nn.Module):
+class LeNet(_TwoConv):
+    """The paper's LeNet: conv20-5, pool, conv50-5, pool, fc500, fc(classes); latents are 500-d."""
+
+    def __init__(self, num_classes: int, in_channels: int, hw: tuple[int, int]):
+        super().__init__(num_classes, in_channels, hw, 5, (20, 50), 500)
+
+
+class SmallCNN(_TwoConv):
     """conv32-3, pool, conv64-3, pool, fc128, fc(classes): about LeNet's cost, but another architecture."""
 
     def __init__(self, num_classes: int, in_channels: int, hw: tuple[int, int]):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 32, 3)
-        self.conv2 = nn.Conv2d(32, 64, 3)
-        h, w = ((hw[0] - 2) // 2 - 2) // 2, ((hw[1] - 2) // 2 - 2) // 2
-        if min(h, w) < 1:
-            raise InputError(f"smallcnn needs inputs of at least 10×10 pixels, got {hw[0]}×{hw[1]}")
-        self.fc1 = nn.Linear(64 * h * w, 128)
-        self.fc2 = nn.Linear(128, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+        super().__init__(num_classes, in_channels, hw, 3, (32, 64), 128)
 
 
 class _VGGStyle(nn.Module):
