@@ -161,8 +161,11 @@ def cmd_harden(args: argparse.Namespace) -> None:
     if len(test) == 0:
         raise InputError("the test split is empty; give --test data or a larger test_fraction in the config")
     out = Path(args.out)
-    key = _digest(f"{services.__version__}/{STAGE_SCHEMA}".encode(), Path(args.model).read_bytes(), spec.model_dump_json().encode(), config.model_dump_json().encode(),
-                  train.x.numpy().tobytes(), train.y.numpy().tobytes(), test.x.numpy().tobytes(), test.y.numpy().tobytes())
+    key = _digest(  # stored stages are reused only for the same code, inputs and configuration
+        f"{services.__version__}/{STAGE_SCHEMA}".encode(), Path(args.model).read_bytes(), spec.model_dump_json().encode(),
+        config.model_dump_json().encode(), train.x.numpy().tobytes(), train.y.numpy().tobytes(),
+        test.x.numpy().tobytes(), test.y.numpy().tobytes(),
+    )
     store = DirectoryStore(out / "stages" / key)
     bars = _Bars(STAGES)
     with bars.progress:
