@@ -87,10 +87,10 @@ def load_data(source: str, what: str, split: str = "train") -> ImageData:
     return load_npz(path, f"{what} {source}")
 
 
-def _digest(*parts: bytes) -> str:
+def _digest(*parts: bytes | torch.Tensor) -> str:
     h = hashlib.sha256()
-    for p in parts:
-        h.update(hashlib.sha256(p).digest())
+    for p in parts:  # tensors are hashed through their buffer, without a copy
+        h.update(hashlib.sha256(p.contiguous().numpy() if isinstance(p, torch.Tensor) else p).digest())
     return h.hexdigest()[:16]
 
 
@@ -107,15 +107,14 @@ class _Bars:
         if task is None:
             return
         self.progress.start_task(task)  # a bar shows once its stage reports: an early refusal prints one line
-        self.progress.update(task, visible=True)
         metric = " ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:2])
-        self.progress.update(task, completed=fraction, **({"metric": metric} if metric else {}))
+        self.progress.update(task, visible=True, completed=fraction, **({"metric": metric} if metric else {}))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a vanilla classifier (the paper's recipe: SGD lr 0.01, momentum 0.5, batch 64)."""
     data = load_data(args.data, "training data")
-    if args.test or Path(args.data).is_dir():
+    if args.test or (args.data not in BUILTIN_DATA and Path(args.data).is_dir()):
         train, test = data, load_data(args.test or args.data, "test data", "t10k")
     else:
         train, test = stratified_split(data, 0.2, args.seed)
@@ -163,8 +162,7 @@ def cmd_harden(args: argparse.Namespace) -> None:
     out = Path(args.out)
     key = _digest(  # stored stages are reused only for the same code, inputs and configuration
         f"{services.__version__}/{STAGE_SCHEMA}".encode(), Path(args.model).read_bytes(), spec.model_dump_json().encode(),
-        config.model_dump_json().encode(), train.x.numpy().tobytes(), train.y.numpy().tobytes(),
-        test.x.numpy().tobytes(), test.y.numpy().tobytes(),
+        config.model_dump_json().encode(), train.x, train.y, test.x, test.y,
     )
     store = DirectoryStore(out / "stages" / key)
     bars = _Bars(STAGES)
