@@ -16,13 +16,13 @@ from safetensors.torch import load_file, save_file
 import services
 from services.checkpoints import DirectoryStore, atomic_write
 from services.datasets import (
-    ImageData, channels_first, conform, load_npz, mnist5k, mnist_idx, require_every_class, save_npz, stratified_split,
+    ImageData, channels_first, conform, load_npz, mnist5k, mnist_idx, save_npz, stratified_split,
 )
 from services.errors import InputError
 from services.method.config import LadderConfig
 from services.method.finetune import accuracy, fit
 from services.method.models import ModelSpec, build_classifier, net_weights
-from services.method.pipeline import STAGE_SCHEMA, STAGES, harden
+from services.method.pipeline import STAGE_SCHEMA, STAGES, harden, split_inputs
 
 BUILTIN_DATA = {"mnist5k": mnist5k}
 console = Console(stderr=True)
@@ -152,13 +152,8 @@ def cmd_harden(args: argparse.Namespace) -> None:
     weights = load_weights(Path(args.model))
     model = build_classifier(spec, weights)
     train = conform(load_data(args.train, "training data"), spec.input_shape, spec.num_classes, "training data")
-    if args.test:
-        test = conform(load_data(args.test, "test data", "t10k"), spec.input_shape, spec.num_classes, "test data")
-    else:
-        train, test = stratified_split(train, config.test_fraction, config.seed)
-    require_every_class(train, spec.num_classes, 3, "training data")
-    if len(test) == 0:
-        raise InputError("the test split is empty; give --test data or a larger test_fraction in the config")
+    test = conform(load_data(args.test, "test data", "t10k"), spec.input_shape, spec.num_classes, "test data") if args.test else None
+    train, test = split_inputs(train, test, config, spec.num_classes)
     out = Path(args.out)
     key = _digest(  # stored stages are reused only for the same code, inputs and configuration
         f"{services.__version__}/{STAGE_SCHEMA}".encode(), Path(args.model).read_bytes(), spec.model_dump_json().encode(),
@@ -177,6 +172,114 @@ def cmd_harden(args: argparse.Namespace) -> None:
     atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(result.report, indent=2) + "\n"))
     print_summary(result.report)
     print(f"wrote {out}/hardened.safetensors and {out}/report.json")
+
+
+def _migrated_database(settings):
+    """The configured database; the embedded SQLite one is created and migrated on first use."""
+    from sqlalchemy import inspect
+
+    from services.db import Database
+    from services.migrate import upgrade
+
+    if settings.database.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.database)
+    db = Database(settings.database)
+    if not inspect(db.engine).has_table("jobs"):
+        raise InputError(f"the database {db.engine.url.render_as_string(hide_password=True)} has no ladder tables; run: ladder migrate")
+    return db
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    """Bring the configured database to the newest schema."""
+    from services.migrate import upgrade
+    from services.settings import get_settings
+
+    url = get_settings().database
+    upgrade(url, args.revision)
+    print(f"database at revision {args.revision}")
+
+
+def cmd_keys(args: argparse.Namespace) -> None:
+    """Create an API key for a tenant and print it (the only time it is shown)."""
+    from services.settings import get_settings
+    from services.tenants.service import create_key
+
+    db = _migrated_database(get_settings())
+    with db.session() as s:
+        key = create_key(s, args.tenant)
+    print(key)
+
+
+def _local_key(settings, db) -> str | None:
+    """The embedded default's single local key: created on the first start, kept in data_dir."""
+    from sqlalchemy import func, select
+
+    from services.tenants.models import ApiKey
+    from services.tenants.service import create_key
+
+    path = settings.data_dir / "local-api-key"
+    with db.session() as s:
+        if s.scalar(select(func.count()).select_from(ApiKey)):
+            return path.read_text().strip() if path.exists() else None
+        key = create_key(s, "local")
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Run the API (embedded: SQLite, local artifacts and an in-process worker)."""
+    import uvicorn
+
+    from api.app import create_app
+    from services.settings import get_settings
+
+    settings = get_settings()
+    db = _migrated_database(settings)
+    host, port = args.host or settings.host, args.port or settings.port
+    mode = "embedded (SQLite, local artifacts, in-process worker)" if settings.embedded else "with Celery workers"
+    console.print(f"ladder {services.__version__} serving on http://{host}:{port} {mode}; API docs at /docs")
+    if settings.embedded:
+        key = _local_key(settings, db)
+        if key:
+            console.print(f"local API key: {key}  (also in {settings.data_dir / 'local-api-key'})")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level, access_log=args.log_level == "debug")
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    """Run a Celery worker (one process per GPU; stages run in a fresh child each)."""
+    from services.settings import get_settings
+
+    settings = get_settings()
+    if settings.embedded:
+        raise InputError("set LADDER_BROKER_URL (e.g. redis://localhost:6379/0) and LADDER_DATABASE_URL to run a worker; "
+                         "without them `ladder serve` runs its own")
+    from workers.celery_app import app
+
+    app.worker_main(["worker", "-Q", settings.queue, "-c", "1", "-P", "prefork", "--loglevel", args.log_level.upper(),
+                     "-n", args.name])
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    """Upload a job to a server, follow it, download the hardened model and the report."""
+    from services.client import Client, ClientError
+
+    client = Client(args.server, args.key)
+    opt = lambda p: Path(p) if p else None  # noqa: E731
+    try:
+        job = client.submit(Path(args.model), Path(args.spec), Path(args.train), opt(args.test), opt(args.config),
+                            args.idempotency_key)
+        console.print(f"job {job['id']} {job['status']}")
+        job = client.wait(job["id"], args.poll, console)
+        if job["status"] != "succeeded":
+            err = job["error"] or {"code": job["status"], "message": "canceled"}
+            raise ClientError(f"job {job['id']} {job['status']}: {err['code']}: {err['message']}")
+        model, report = client.download(job["id"], Path(args.out))
+    except ClientError as e:
+        raise InputError(str(e)) from e
+    print_summary(json.loads(report.read_text()))
+    print(f"wrote {model} and {report}")
 
 
 def print_summary(report: dict) -> None:
@@ -212,6 +315,35 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--config", help="method configuration (JSON); default: the paper's settings")
     h.add_argument("--out", required=True)
     h.set_defaults(run=cmd_harden)
+    s = sub.add_parser("serve", help="run the HTTP API (embedded by default: SQLite and an in-process worker)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(run=cmd_serve)
+    w = sub.add_parser("worker", help="run a Celery worker (needs LADDER_BROKER_URL and LADDER_DATABASE_URL)")
+    w.add_argument("--name", default="ladder@%h")
+    w.add_argument("--log-level", default="info")
+    w.set_defaults(run=cmd_worker)
+    m = sub.add_parser("migrate", help="bring the configured database to the newest schema")
+    m.add_argument("--revision", default="head")
+    m.set_defaults(run=cmd_migrate)
+    k = sub.add_parser("keys", help="API keys")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="create a key for a tenant and print it")
+    kc.add_argument("--tenant", required=True)
+    kc.set_defaults(run=cmd_keys)
+    u = sub.add_parser("submit", help="submit a job to a server, follow it and download the results")
+    u.add_argument("--server", default="http://127.0.0.1:8000")
+    u.add_argument("--key", required=True, help="API key (ladder keys create, or the one `ladder serve` printed)")
+    u.add_argument("--model", required=True)
+    u.add_argument("--spec", required=True)
+    u.add_argument("--train", required=True)
+    u.add_argument("--test")
+    u.add_argument("--config")
+    u.add_argument("--idempotency-key")
+    u.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
+    u.add_argument("--out", required=True)
+    u.set_defaults(run=cmd_submit)
     args = parser.parse_args(argv)
     try:
         args.run(args)

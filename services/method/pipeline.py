@@ -14,9 +14,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torchvision
+from torch import Tensor
 
 import services
-from services.datasets import ImageData, stratified_split
+from services.datasets import ImageData, require_every_class, stratified_split
+from services.errors import InputError
 from services.method.boundary import fit_boundary
 from services.method.config import LadderConfig
 from services.method.evaluate import evaluate, surrogate_architecture
@@ -96,6 +98,16 @@ def train_surrogate(spec: ModelSpec, train: ImageData, cfg: LadderConfig, progre
     return surrogate, arch
 
 
+def split_inputs(train: ImageData, test: ImageData | None, cfg: LadderConfig, num_classes: int) -> tuple[ImageData, ImageData]:
+    """The run's training and test data: `test` when given, else a stratified hold-out of `train`."""
+    if test is None:
+        train, test = stratified_split(train, cfg.test_fraction, cfg.seed)
+    require_every_class(train, num_classes, 3, "training data")
+    if len(test) == 0:
+        raise InputError("the test split is empty; give test data or a larger test_fraction in the config")
+    return train, test
+
+
 def evaluation_subset(test: ImageData, cfg: LadderConfig) -> ImageData:
     """The test points evaluated: all, or a stratified `max_samples` of them."""
     n = cfg.evaluate.max_samples
@@ -104,119 +116,148 @@ def evaluation_subset(test: ImageData, cfg: LadderConfig) -> ImageData:
     return stratified_split(test, n / len(test), stage_seed(cfg.seed, "evaluate"))[1]
 
 
-def harden(
-    model: Classifier, spec: ModelSpec, train: ImageData, test: ImageData, config: LadderConfig,
-    store: StageStore | None = None, progress: Progress = silent,
-) -> HardenResult:
-    """Run LADDER on `model` with its training data; evaluate vanilla, control, LADDER and variants on `test`."""
-    store = store or MemoryStore()
-    cfg, times = config, {}
-    model.eval()
-    split = prepare(model, spec, cfg.latent_layer)
-    resolve_preset(cfg.generator.preset, spec.input_shape)  # refuse a preset that cannot fit before any work
-    num_classes = spec.num_classes
+class Run:
+    """One LADDER run over a StageStore: `output(stage)` loads a stage's stored output or computes
+    and stores it (its inputs, the earlier stages, likewise), so any process can run any one stage."""
 
-    def stage(name: str, run):
+    def __init__(self, model: Classifier, spec: ModelSpec, train: ImageData, test: ImageData, config: LadderConfig,
+                 store: StageStore | None = None, progress: Progress = silent):
+        self.model, self.spec, self.train, self.test, self.cfg = model, spec, train, test, config
+        self.store = store or MemoryStore()
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self._values: dict[str, Any] = {}
+        model.eval()
+        self.split = prepare(model, spec, config.latent_layer)
+        resolve_preset(config.generator.preset, spec.input_shape)  # refuse a preset that cannot fit before any work
+
+    def output(self, name: str) -> Any:
+        """The stage's output: from this run, from the store, or computed now and stored."""
+        if name in self._values:
+            return self._values[name]
         started = time.perf_counter()
-        value = store.load(name)
+        value = self.store.load(name)
         if value is None:
-            value = run()
-            store.save(name, value)
-        progress(name, 1.0, {})
-        times[name] = time.perf_counter() - started
+            inputs = [self.output(s) for s in STAGES[:STAGES.index(name)]]  # earlier stages first, timed on their own
+            started = time.perf_counter()
+            value = getattr(self, f"_{name}")(*inputs)
+            self.store.save(name, value)
+        self.seconds[name] = time.perf_counter() - started  # a stored stage: the time to load it
+        self.progress(name, 1.0, {})
+        self._values[name] = value
         return value
 
-    z = stage("latents", lambda: extract_latents(split, train.x, progress=progress))
-    boundary = stage("boundary", lambda: fit_boundary(z, train.y, num_classes, cfg.boundary, stage_seed(cfg.seed, "boundary"), progress))
-    gfit = stage("generator", lambda: train_generator(z, train.x, cfg.generator, stage_seed(cfg.seed, "generator"), progress))
-    generator = gfit.build()
+    def _latents(self) -> Tensor:
+        return extract_latents(self.split, self.train.x, progress=self.progress)
 
-    def adversarial() -> dict:
+    def _boundary(self, z: Tensor) -> Any:
+        return fit_boundary(z, self.train.y, self.spec.num_classes, self.cfg.boundary,
+                            stage_seed(self.cfg.seed, "boundary"), self.progress)
+
+    def _generator(self, z: Tensor, boundary: Any) -> Any:
+        return train_generator(z, self.train.x, self.cfg.generator, stage_seed(self.cfg.seed, "generator"), self.progress)
+
+    def _adversarial(self, z: Tensor, boundary: Any, gfit: Any) -> dict:
+        cfg, y, progress = self.cfg, self.train.y, self.progress
+        generator = gfit.build()
         gen = torch.Generator().manual_seed(stage_seed(cfg.seed, "adversarial"))
-        src = _per_class(train.y, cfg.perturb.samples_per_class, gen)
+        src = _per_class(y, cfg.perturb.samples_per_class, gen)
         src = src[torch.randperm(len(src), generator=gen)]  # calibration and flip checks take leading rows: mix classes
-        zs, ys = z[src], train.y[src]
-        targets = random_targets(ys, num_classes, gen)
+        zs, ys = z[src], y[src]
+        targets = random_targets(ys, self.spec.num_classes, gen)
         steps = {name: directions(boundary, zs, ys, targets, VARIANT_DIRECTIONS[name], gen, cfg.perturb.cav_noise)
                  for name in ["ladder", *cfg.variants]}
         cal_n = min(len(zs), cfg.perturb.calibration_samples)
-        cal = calibrate(split.head, zs[:cal_n], steps["ladder"][:cal_n], targets[:cal_n],
-                        cfg.perturb.crossing_quantiles, cfg.perturb.eps)
+        head = self.split.head
+        cal = calibrate(head, zs[:cal_n], steps["ladder"][:cal_n], targets[:cal_n], cfg.perturb.crossing_quantiles, cfg.perturb.eps)
         out = {"calibration": cal, "variant_crossing_rate": {}, "examples": {}}
         for name, step in steps.items():
             if name != "ladder":  # variants use LADDER's ε list: the ablation changes the direction only
                 out["variant_crossing_rate"][name] = calibrate(
-                    split.head, zs[:cal_n], step[:cal_n], targets[:cal_n], None, cal.eps).crossing_rate
-            out["examples"][name] = generate(generator, model, zs, ys, targets, step, cal.eps,
+                    head, zs[:cal_n], step[:cal_n], targets[:cal_n], None, cal.eps).crossing_rate
+            out["examples"][name] = generate(generator, self.model, zs, ys, targets, step, cal.eps,
                                              cfg.perturb.batch_size, progress)
         return out
 
-    adv = stage("adversarial", adversarial)
-
-    def finetune() -> dict:
-        f = cfg.finetune
+    def _finetune(self, z: Tensor, boundary: Any, gfit: Any, adv: dict) -> dict:
+        f, train = self.cfg.finetune, self.train
         weights, history, seconds = {}, {}, {}
-        runs = {"control": None, **{name: ex for name, ex in adv["examples"].items()}}
+        runs = {"control": None, **adv["examples"]}
         for i, (name, ex) in enumerate(runs.items()):
             started = time.perf_counter()
-            m = copy.deepcopy(model)
+            m = copy.deepcopy(self.model)
             history[name] = fit(
                 m, train.x, train.y, epochs=f.epochs, lr=f.lr, momentum=f.momentum, batch_size=f.batch_size,
-                seed=stage_seed(cfg.seed, "finetune"), alpha=1.0 if ex is None else f.alpha,
+                seed=stage_seed(self.cfg.seed, "finetune"), alpha=1.0 if ex is None else f.alpha,
                 extra=None if ex is None else (ex.x, ex.y),
-                progress=lambda s, frac, met, i=i: progress("finetune", (i + frac) / len(runs), met),
+                progress=lambda s, frac, met, i=i: self.progress("finetune", (i + frac) / len(runs), met),
             )
             weights[name] = net_weights(m)
             seconds[name] = time.perf_counter() - started
         return {"weights": weights, "loss": history, "seconds": seconds}
 
-    tuned = stage("finetune", finetune)
-    models = {"vanilla": model}
-    for name, state in tuned["weights"].items():
-        models[name] = build_classifier(spec, state)
+    def models(self) -> dict[str, Classifier]:
+        """vanilla, control, ladder and the variants, built from the finetune stage's weights."""
+        models = {"vanilla": self.model}
+        for name, state in self.output("finetune")["weights"].items():
+            models[name] = build_classifier(self.spec, state)
+        return models
 
-    def evaluation() -> dict:
-        surrogate, arch = train_surrogate(spec, train, cfg, lambda s, frac, met: progress("evaluate", 0.3 * frac, met))
-        subset = evaluation_subset(test, cfg)
-        results = evaluate(models, surrogate, subset.x, subset.y, cfg.evaluate, stage_seed(cfg.seed, "evaluate"),
+    def _evaluate(self, z: Tensor, boundary: Any, gfit: Any, adv: dict, tuned: dict) -> dict:
+        cfg, progress = self.cfg, self.progress
+        surrogate, arch = train_surrogate(self.spec, self.train, cfg, lambda s, frac, met: progress("evaluate", 0.3 * frac, met))
+        subset = evaluation_subset(self.test, cfg)
+        results = evaluate(self.models(), surrogate, subset.x, subset.y, cfg.evaluate, stage_seed(cfg.seed, "evaluate"),
                            lambda s, frac, met: progress("evaluate", 0.3 + 0.7 * frac, met))
         return {"models": results, "surrogate": {"architecture": arch, "clean_accuracy": accuracy(surrogate, subset.x, subset.y),
                                                  "epochs": cfg.evaluate.surrogate_epochs}, "n": len(subset)}
 
-    ev = stage("evaluate", evaluation)
-    hold = gfit.holdout_index
-    report = {
-        "schema": "ladder.report/1",
-        "config": cfg.model_dump(mode="json"),
-        "seeds": {"run": cfg.seed, **{s: stage_seed(cfg.seed, s) for s in STAGES}},
-        "versions": versions(),
-        "spec": spec.model_dump(mode="json"),
-        "data": {"train": len(train), "test": len(test), "evaluated": ev["n"]},
-        "latent": {"layer": split.layer, "dim": split.dim},
-        "stage_seconds": times,
-        "boundary": {
-            "pairs": len(boundary.pairs),
-            "train_accuracy_mean": boundary.train_accuracy.mean().item(),
-            "holdout_accuracy_mean": boundary.holdout_accuracy.mean().item(),
-            "holdout_accuracy_min": boundary.holdout_accuracy.min().item(),
-            **boundary.fit,
-        },
-        "generator": {
-            "preset": gfit.preset, "epochs": gfit.epochs, "stopped": gfit.stopped,
-            **fidelity(generator, model, z[hold], train.x[hold], train.y[hold], train.x),
-        },
-        "calibration": {
-            "mode": "raw" if cfg.perturb.eps is not None else "quantiles",
-            "table": [
-                {**row, "image_flip_rate": adv["examples"]["ladder"].image_flip_rate[i]}
-                for i, row in enumerate(adv["calibration"].table())
-            ],
-            "variant_crossing_rate": adv["variant_crossing_rate"],
-            "curve": {"eps": adv["calibration"].grid_eps, "crossing_rate": adv["calibration"].grid_crossing_rate},
-            "examples": len(adv["examples"]["ladder"].y),
-        },
-        "finetune": {"loss": tuned["loss"], "seconds": tuned["seconds"]},
-        "surrogate": ev["surrogate"],
-        "models": ev["models"],
-    }
-    return HardenResult(models, report)
+    def report(self, stage_seconds: dict[str, float] | None = None) -> dict:
+        """The evaluation report of the run (stage times: this process's, unless given)."""
+        cfg, train, spec, split = self.cfg, self.train, self.spec, self.split
+        z, boundary, gfit, adv, tuned, ev = (self.output(s) for s in STAGES)
+        hold = gfit.holdout_index
+        return {
+            "schema": "ladder.report/1",
+            "config": cfg.model_dump(mode="json"),
+            "seeds": {"run": cfg.seed, **{s: stage_seed(cfg.seed, s) for s in STAGES}},
+            "versions": versions(),
+            "spec": spec.model_dump(mode="json"),
+            "data": {"train": len(train), "test": len(self.test), "evaluated": ev["n"]},
+            "latent": {"layer": split.layer, "dim": split.dim},
+            "stage_seconds": stage_seconds if stage_seconds is not None else self.seconds,
+            "boundary": {
+                "pairs": len(boundary.pairs),
+                "train_accuracy_mean": boundary.train_accuracy.mean().item(),
+                "holdout_accuracy_mean": boundary.holdout_accuracy.mean().item(),
+                "holdout_accuracy_min": boundary.holdout_accuracy.min().item(),
+                **boundary.fit,
+            },
+            "generator": {
+                "preset": gfit.preset, "epochs": gfit.epochs, "stopped": gfit.stopped,
+                **fidelity(gfit.build(), self.model, z[hold], train.x[hold], train.y[hold], train.x),
+            },
+            "calibration": {
+                "mode": "raw" if cfg.perturb.eps is not None else "quantiles",
+                "table": [
+                    {**row, "image_flip_rate": adv["examples"]["ladder"].image_flip_rate[i]}
+                    for i, row in enumerate(adv["calibration"].table())
+                ],
+                "variant_crossing_rate": adv["variant_crossing_rate"],
+                "curve": {"eps": adv["calibration"].grid_eps, "crossing_rate": adv["calibration"].grid_crossing_rate},
+                "examples": len(adv["examples"]["ladder"].y),
+            },
+            "finetune": {"loss": tuned["loss"], "seconds": tuned["seconds"]},
+            "surrogate": ev["surrogate"],
+            "models": ev["models"],
+        }
+
+
+def harden(
+    model: Classifier, spec: ModelSpec, train: ImageData, test: ImageData, config: LadderConfig,
+    store: StageStore | None = None, progress: Progress = silent,
+) -> HardenResult:
+    """Run LADDER on `model` with its training data; evaluate vanilla, control, LADDER and variants on `test`."""
+    run = Run(model, spec, train, test, config, store, progress)
+    run.output(STAGES[-1])
+    return HardenResult(run.models(), run.report())

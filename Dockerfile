@@ -1,0 +1,53 @@
+# syntax=docker/dockerfile:1
+# One image for every ladder process (docs/deployment.md):
+#   ladder serve    the API (default command)      ladder worker   a Celery worker (one per GPU)
+#   ladder migrate  the Alembic migrations          ladder keys create --tenant NAME
+#
+# No CUDA base image: torch 2.14.1 and torchvision 0.29.1 from PyPI are CUDA builds that bring
+# their own CUDA libraries (the nvidia-* wheels) and also run on CPU. A GPU host needs only the
+# NVIDIA driver and the NVIDIA Container Toolkit.
+#
+# Build: docker build -t ladder .   (BuildKit, the default builder since Docker 23, for the cache mounts)
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# An unprivileged user; /app is its working directory (LADDER_DATA_DIR, `ladder-data`, resolves
+# under it, but only the embedded default writes there).
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin ladder \
+    && mkdir -p /app \
+    && chown ladder:ladder /app
+
+# Dependencies first: this layer (several GB, torch and its CUDA wheels) is rebuilt only when
+# requirements.txt changes, not on every source edit.
+COPY requirements.txt /tmp/requirements.txt
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# Then the package itself (dependencies are already in place). Only what pyproject.toml packages
+# is copied, so edits to tests or docs do not invalidate this layer.
+COPY pyproject.toml /tmp/ladder-src/
+COPY services /tmp/ladder-src/services
+COPY api /tmp/ladder-src/api
+COPY workers /tmp/ladder-src/workers
+COPY migrations /tmp/ladder-src/migrations
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --no-deps /tmp/ladder-src \
+    && rm -rf /tmp/ladder-src
+
+USER ladder
+WORKDIR /app
+
+# Listen on every interface inside the container (the setting's default is 127.0.0.1).
+ENV LADDER_HOST=0.0.0.0
+EXPOSE 8000
+
+# /healthz answers as soon as the API is up (slim has no curl; python does the request). A worker
+# started from this image serves no HTTP: docker-compose.yml turns this check off for it.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('LADDER_PORT', '8000'), timeout=4)"
+
+CMD ["ladder", "serve"]

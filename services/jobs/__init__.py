@@ -1,0 +1,1 @@
+"""Hardening jobs: the rows, their life cycle and their artifacts."""

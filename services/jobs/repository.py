@@ -1,0 +1,74 @@
+"""Queries on jobs and their artifacts; no decisions here (those are in service.py)."""
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import and_, delete, or_, select
+from sqlalchemy.orm import Session
+
+from services.jobs.models import Artifact, Job, JobStage
+
+
+def get(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> Job | None:
+    """The job, locked for update when asked (PostgreSQL; SQLite serialises writers anyway)."""
+    stmt = select(Job).where(Job.id == job_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    return session.scalar(stmt)
+
+
+def get_for_tenant(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job | None:
+    """The job if it belongs to the tenant."""
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+
+def by_idempotency_key(session: Session, tenant_id: uuid.UUID, key: str) -> Job | None:
+    """The tenant's job created with this Idempotency-Key."""
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def page(session: Session, tenant_id: uuid.UUID, limit: int, before: tuple[datetime, uuid.UUID] | None) -> list[Job]:
+    """The tenant's jobs, newest first, after a (created_at, id) cursor."""
+    stmt = select(Job).where(Job.tenant_id == tenant_id)
+    if before is not None:
+        at, jid = before
+        stmt = stmt.where(or_(Job.created_at < at, and_(Job.created_at == at, Job.id < jid)))
+    return list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+
+
+def stage_row(job: Job, stage: str) -> JobStage:
+    """The job's row for one stage."""
+    return next(s for s in job.stages if s.stage == stage)
+
+
+def artifact(session: Session, job_id: uuid.UUID, name: str) -> Artifact | None:
+    """One named artifact of a job."""
+    return session.get(Artifact, (job_id, name))
+
+
+def artifacts(session: Session, job_id: uuid.UUID) -> list[Artifact]:
+    """Every artifact of a job."""
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
+
+
+def put_artifact(session: Session, job_id: uuid.UUID, name: str, key: str, sha256: str, size: int) -> None:
+    """Record an artifact (replacing a record of the same name: a stage written again after a crash)."""
+    row = session.get(Artifact, (job_id, name))
+    if row is None:
+        session.add(Artifact(job_id=job_id, name=name, key=key, sha256=sha256, size=size))
+    else:
+        row.key, row.sha256, row.size = key, sha256, size
+
+
+def drop_artifacts(session: Session, job_id: uuid.UUID, prefix: str = "") -> None:
+    """Forget the artifacts of a job (those whose name starts with `prefix`)."""
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name.startswith(prefix)))
+
+
+def stuck(session: Session, held_before: datetime, queued_before: datetime) -> list[Job]:
+    """Active jobs whose worker's heartbeat stopped, or that no worker took since they were enqueued."""
+    return list(session.scalars(select(Job).where(
+        Job.status.in_(("queued", "running")),
+        or_(and_(Job.worker.is_not(None), Job.heartbeat_at < held_before),
+            and_(Job.worker.is_(None), Job.enqueued_at < queued_before)),
+    ).with_for_update(skip_locked=True)))

@@ -1,0 +1,234 @@
+"""The job life cycle: queued → running(stage) → succeeded | failed | canceled.
+
+Every transition is one transaction on the job row; the next stage is enqueued only after the
+transaction that recorded the previous one commits (`after_commit`), so a worker never sees a job
+that the database does not. A worker *claims* a stage before running it: the claim fails when
+the stage is already done, the job has ended, or another worker with a live heartbeat holds it.
+"""
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import Enum
+from typing import Any, Protocol
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from services.artifacts import ArtifactStore
+from services.db import after_commit, utcnow
+from services.jobs import repository
+from services.jobs.models import STAGES, TERMINAL, Job, JobStage
+
+log = logging.getLogger(__name__)
+
+# share of a typical job's time per stage (bench/engine.py on MNIST), for the overall fraction and ETA
+STAGE_WEIGHTS = {"latents": 0.02, "boundary": 0.08, "generator": 0.30, "adversarial": 0.05,
+                 "finetune": 0.30, "evaluate": 0.24, "report": 0.01}
+
+
+class Dispatcher(Protocol):
+    """Sends a stage of a job to a worker (Celery, or the embedded in-process worker)."""
+
+    def enqueue(self, job_id: uuid.UUID, stage: str) -> None: ...
+
+
+class Claim(Enum):
+    """What a worker may do with a stage it was sent."""
+
+    RUN = "run"  # it holds the stage now
+    SKIP = "skip"  # done already, or the job ended: drop the message
+    BUSY = "busy"  # another live worker holds it: try again after its heartbeat could go stale
+
+
+class Conflict(Exception):
+    """A request that the job's state does not allow (HTTP 409)."""
+
+
+@dataclass
+class NewJob:
+    """What the API learned from an upload."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    idempotency_key: str | None
+    request_digest: str
+    inputs_digest: str
+    spec: dict[str, Any]
+    config: dict[str, Any]
+    inputs: dict[str, Any]
+    artifacts: dict[str, tuple[str, str, int]]  # name → (key, sha256, size)
+
+
+def create(session: Session, new: NewJob, dispatcher: Dispatcher) -> tuple[Job, bool]:
+    """Insert the job and enqueue its first stage after commit; (job, created). With an
+    Idempotency-Key already used, the earlier job is answered (same payload) or Conflict raised."""
+    if new.idempotency_key is not None:
+        earlier = repository.by_idempotency_key(session, new.tenant_id, new.idempotency_key)
+        if earlier is not None:
+            return replay(earlier, new.request_digest), False
+    job_id = new.id
+    job = Job(id=job_id, tenant_id=new.tenant_id, idempotency_key=new.idempotency_key, request_digest=new.request_digest,
+              inputs_digest=new.inputs_digest, spec=new.spec, config=new.config, inputs=new.inputs,
+              status="queued", stage=STAGES[0], enqueued_at=utcnow(), metrics={},
+              stages=[JobStage(stage=s, position=i) for i, s in enumerate(STAGES)])
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won
+        earlier = repository.by_idempotency_key(session, new.tenant_id, new.idempotency_key)
+        if earlier is None:
+            raise
+        return replay(earlier, new.request_digest), False
+    for name, (key, sha, size) in new.artifacts.items():
+        repository.put_artifact(session, job_id, name, key, sha, size)
+    after_commit(session, lambda: dispatcher.enqueue(job_id, STAGES[0]))
+    return job, True
+
+
+def replay(earlier: Job, request_digest: str) -> Job:
+    """The job an Idempotency-Key created, if this request is the same one; else Conflict."""
+    if earlier.request_digest != request_digest:
+        raise Conflict(f"Idempotency-Key {earlier.idempotency_key!r} was used for a different request; "
+                       "use a new key for a new job")
+    return earlier
+
+
+def request_cancel(session: Session, job: Job, store: ArtifactStore) -> Job:
+    """Cancel now if no worker holds the job, else flag it for the worker to stop between batches."""
+    if job.status in TERMINAL:
+        raise Conflict(f"job {job.id} has already {job.status}; only queued or running jobs can be canceled")
+    job.cancel_requested = True
+    if job.worker is None:
+        _end(session, job, "canceled", store)
+    return job
+
+
+def claim(session: Session, job_id: uuid.UUID, stage: str, worker: str, stale_after_s: float, max_attempts: int,
+          store: ArtifactStore) -> Claim:
+    """Take the stage for `worker`, counting the attempt; see Claim."""
+    job = repository.get(session, job_id, lock=True)
+    if job is None or job.status in TERMINAL or STAGES.index(job.stage) > STAGES.index(stage):
+        return Claim.SKIP
+    if job.stage != stage:
+        log.warning("job %s: message for %s while at %s; dropped", job_id, stage, job.stage)
+        return Claim.SKIP
+    now = utcnow()
+    if job.cancel_requested:
+        _end(session, job, "canceled", store)
+        return Claim.SKIP
+    if job.worker not in (None, worker) and job.heartbeat_at and now - job.heartbeat_at < timedelta(seconds=stale_after_s):
+        return Claim.BUSY
+    row = repository.stage_row(job, stage)
+    if job.attempt >= max_attempts:
+        fail(session, job, "worker_lost",
+             f"stage {stage} lost its worker {job.attempt} times (out of memory or killed?); "
+             "try a smaller batch size or a larger machine, then submit again", store)
+        return Claim.SKIP
+    job.attempt += 1
+    row.attempts += 1
+    row.status = "running"
+    row.started_at = row.started_at or now
+    job.status, job.worker, job.heartbeat_at = "running", worker, now
+    job.started_at = job.started_at or now
+    job.stage_fraction = 0.0
+    return Claim.RUN
+
+
+def holds(job: Job | None, stage: str, worker: str) -> bool:
+    """Whether `worker` still holds the job's stage (it may have been taken over as stale)."""
+    return job is not None and job.status == "running" and job.stage == stage and job.worker == worker
+
+
+def record_progress(session: Session, job_id: uuid.UUID, stage: str, worker: str, stage_fraction: float,
+                    metrics: dict[str, float]) -> bool:
+    """Write progress and the heartbeat; True when the job should stop (canceled, or taken over)."""
+    job = repository.get(session, job_id)
+    if not holds(job, stage, worker):
+        return True
+    now = utcnow()
+    done = sum(STAGE_WEIGHTS[s] for s in STAGES[:STAGES.index(stage)])
+    fraction = min(1.0, done + STAGE_WEIGHTS[stage] * stage_fraction)
+    elapsed = (now - job.started_at).total_seconds() if job.started_at else 0.0
+    job.stage_fraction, job.fraction, job.heartbeat_at = stage_fraction, fraction, now
+    job.eta_seconds = elapsed / fraction * (1 - fraction) if fraction > 0.02 else None
+    if metrics:
+        job.metrics = {k: float(v) for k, v in metrics.items()}
+    return job.cancel_requested
+
+
+def heartbeat(session: Session, job_id: uuid.UUID, stage: str, worker: str) -> None:
+    """Show that the worker holding the stage is alive."""
+    job = repository.get(session, job_id)
+    if holds(job, stage, worker):
+        job.heartbeat_at = utcnow()
+
+
+def complete_stage(session: Session, job_id: uuid.UUID, stage: str, worker: str, seconds: float, computed: bool,
+                   artifacts: dict[str, tuple[str, str, int]], dispatcher: Dispatcher, store: ArtifactStore,
+                   report: dict[str, Any] | None = None) -> bool:
+    """Record the stage's artifacts and its end, then move on (the next stage is enqueued after
+    commit) or finish the job. False when the worker no longer held the stage."""
+    job = repository.get(session, job_id, lock=True)
+    if not holds(job, stage, worker):
+        return False
+    for name, (key, sha, size) in artifacts.items():
+        repository.put_artifact(session, job_id, name, key, sha, size)
+    now = utcnow()
+    row = repository.stage_row(job, stage)
+    row.status, row.finished_at, row.seconds = "done", now, seconds
+    row.computed += int(computed)
+    job.worker, job.heartbeat_at, job.attempt = None, None, 0
+    if stage == STAGES[-1]:
+        job.status, job.report, job.finished_at = "succeeded", report, now
+        job.fraction, job.stage_fraction, job.eta_seconds = 1.0, 1.0, 0.0
+        repository.drop_artifacts(session, job_id, prefix="stage.")
+        stages = f"jobs/{job_id}/stages"
+        after_commit(session, lambda: store.delete_prefix(stages))  # intermediate outputs: only needed to resume
+        return True
+    job.stage = STAGES[STAGES.index(stage) + 1]
+    job.stage_fraction, job.enqueued_at = 0.0, now
+    job.fraction = sum(STAGE_WEIGHTS[s] for s in STAGES[:STAGES.index(job.stage)])
+    after_commit(session, lambda: dispatcher.enqueue(job_id, job.stage))
+    return True
+
+
+def fail(session: Session, job: Job, code: str, message: str, store: ArtifactStore) -> None:
+    """End the job as failed with a code and a message for the user."""
+    job.error_code, job.error_message = code, message
+    _end(session, job, "failed", store)
+
+
+def stop(session: Session, job_id: uuid.UUID, stage: str, worker: str, status: str, store: ArtifactStore,
+         code: str | None = None, message: str | None = None) -> None:
+    """End the job from the worker that holds it (canceled or failed)."""
+    job = repository.get(session, job_id, lock=True)
+    if not holds(job, stage, worker):
+        return
+    if status == "failed":
+        fail(session, job, code or "internal_error", message or "the job failed", store)
+    else:
+        _end(session, job, "canceled", store)
+
+
+def _end(session: Session, job: Job, status: str, store: ArtifactStore) -> None:
+    """A terminal state: the job's artifacts go (after commit), the row and its error stay."""
+    job.status, job.finished_at, job.worker, job.heartbeat_at, job.eta_seconds = status, utcnow(), None, None, None
+    repository.drop_artifacts(session, job.id)
+    prefix = f"jobs/{job.id}"
+    after_commit(session, lambda: store.delete_prefix(prefix))
+
+
+def reconcile(session: Session, stale_after_s: float, requeue_after_s: float, dispatcher: Dispatcher) -> list[tuple[uuid.UUID, str]]:
+    """Enqueue again the jobs whose worker died or whose message the broker lost; what was enqueued."""
+    now = utcnow()
+    found = repository.stuck(session, now - timedelta(seconds=stale_after_s), now - timedelta(seconds=requeue_after_s))
+    sent = []
+    for job in found:
+        job.enqueued_at = now
+        job.worker, job.heartbeat_at = None, None  # the silent worker loses the stage; if alive, it stops at its next batch
+        sent.append((job.id, job.stage))
+    after_commit(session, lambda: [dispatcher.enqueue(j, s) for j, s in sent])
+    return sent

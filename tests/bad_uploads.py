@@ -1,0 +1,428 @@
+"""A corpus of bad uploads for `POST /v1/harden`: a small valid job, and that job with one thing broken per case.
+
+`good_parts` is a randomly initialised LeNet (safetensors) with its spec, 30 real digits per class
+to train on, 10 per class to test on and a small config; `corpus` breaks one thing at a time and
+says how the service must answer (status, and a fragment of the message). `validate_parts` does
+exactly what the API does with the parts; cases marked `http_only` test what only the HTTP layer
+sees (headers, part sizes, missing parts), which `validate_parts` stands in for here.
+"""
+
+import functools
+import io
+import json
+import os
+import pickle
+import stat
+import struct
+import tempfile
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from safetensors.torch import save
+
+from services.datasets import mnist5k
+from services.errors import InputError
+from services.method.config import LadderConfig
+from services.method.models import ModelSpec, build_classifier, build_net, net_weights
+from services.uploads import PARTS, DataInfo, Limits, check_data, check_model, check_part, parse_config, parse_spec
+
+MiB = 1 << 20
+SPEC = {"architecture": "lenet", "num_classes": 10, "input_shape": [1, 28, 28], "mean": [0.1307], "std": [0.3081]}
+CUSTOM_SPEC = {**SPEC, "architecture": "custom"}
+# small caps, so that the size cases stay small on disk and fast
+LIMITS = Limits(model_bytes=16 * MiB, data_bytes=16 * MiB, json_bytes=64 * 1024, unzipped_bytes=64 * MiB, zip_ratio=200,
+                zip_members=1000, pt2_timeout_s=120, pt2_memory_bytes=8192 * MiB)
+# the file the planted pickle would create if anything ever executed it
+PWNED_MARKER = Path(tempfile.gettempdir()) / f"ladder-pwned-{uuid.uuid4().hex[:12]}"
+
+Parts = dict[str, tuple[str, bytes, str]]
+
+
+@dataclass
+class BadUpload:
+    """One broken upload: the full parts, the status the service must answer and a fragment of its message."""
+
+    name: str
+    parts: Parts
+    status: int
+    fragment: str
+    http_only: bool = False
+
+
+@dataclass
+class Validated:
+    """What validate_parts found in a valid upload."""
+
+    spec: ModelSpec
+    config: LadderConfig
+    model_format: str
+    data: dict[str, DataInfo] = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def validate_parts(parts: Parts, tmp: Path, limits: Limits) -> Validated:
+    """Check parts exactly as the API does: headers, sizes, JSON parts, then the stored model and data files."""
+    missing = [name for name, rule in PARTS.items() if rule.required and name not in parts]
+    if missing:
+        raise InputError(f"missing part(s) {', '.join(missing)}; send model, model_spec and train_data")
+    for name, (filename, content, content_type) in parts.items():
+        check_part(name, filename, content_type)
+        cap = getattr(limits, PARTS[name].cap)
+        if len(content) > cap:
+            raise InputError(f"{name} is larger than {cap} bytes", 413)
+    spec = parse_spec(parts["model_spec"][1])
+    config = parse_config(parts["config"][1] if "config" in parts else None)
+    folder = tmp / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    paths = {}
+    for name in ("model", "train_data", "test_data"):
+        if name in parts:
+            paths[name] = folder / name  # stored under the part's name, as the API does: the file name is the client's
+            paths[name].write_bytes(parts[name][1])
+    fmt = check_model(paths["model"], parts["model"][0], spec, limits)
+    data = {w: check_data(paths[w], parts[w][0], spec, limits, w) for w in ("train_data", "test_data") if w in parts}
+    return Validated(spec, config, fmt, data, paths)
+
+
+# ---- the valid job
+
+
+@functools.cache
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """mnist5k as uint8 images (N, 1, 28, 28) and int64 labels."""
+    data = mnist5k()
+    return (data.x * 255).round().to(torch.uint8).numpy(), data.y.numpy()
+
+
+def pick(per_class: int, skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`per_class` digits of every class, after the first `skip` of each."""
+    x, y = digits()
+    idx = np.concatenate([np.flatnonzero(y == c)[skip:skip + per_class] for c in range(10)])
+    return x[idx], y[idx]
+
+
+@functools.cache
+def weights() -> dict[str, torch.Tensor]:
+    """The state dict of a randomly initialised LeNet for SPEC."""
+    torch.manual_seed(0)
+    return net_weights(build_classifier(ModelSpec.model_validate(SPEC)))
+
+
+def npz(**arrays: np.ndarray) -> bytes:
+    """An .npz file's bytes (np.savez)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@functools.cache
+def exported() -> bytes:
+    """The LeNet of `weights()` as a torch.export archive (.pt2) with a dynamic batch size."""
+    net = build_net(ModelSpec.model_validate(SPEC))
+    net.load_state_dict(weights())
+    return export(net)
+
+
+def export(net: nn.Module, dynamic: bool = True) -> bytes:
+    """A .pt2 archive of `net` in eval mode for 1×28×28 inputs (torch.export.save's bytes)."""
+    program = torch.export.export(net.eval(), (torch.rand(2, 1, 28, 28),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic else None)
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    return buf.getvalue()
+
+
+class _FixedBatch(nn.Module):
+    """Exported without a dynamic batch, its reshape keeps the example's batch of 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+def good_parts(tmp: Path) -> Parts:
+    """A small valid job: LeNet weights, its spec, 30 digits per class to train on, 10 to test on, a config."""
+    return {
+        "model": ("lenet.safetensors", save(weights()), "application/octet-stream"),
+        "model_spec": ("spec.json", json.dumps(SPEC).encode(), "application/json"),
+        "train_data": ("train.npz", npz(x=pick(30)[0], y=pick(30)[1]), "application/octet-stream"),
+        "test_data": ("test.npz", npz(x=pick(10, 30)[0], y=pick(10, 30)[1]), "application/zip"),
+        "config": ("config.json", json.dumps({"seed": 1, "finetune": {"epochs": 2}}).encode(), "application/json"),
+    }
+
+
+def custom_parts(tmp: Path) -> Parts:
+    """The valid job with the network as a .pt2 archive and architecture custom."""
+    return {**good_parts(tmp), "model": ("lenet.pt2", exported(), "application/octet-stream"),
+            "model_spec": ("spec.json", json.dumps(CUSTOM_SPEC).encode(), "application/json")}
+
+
+# ---- builders of broken files
+
+
+def rezip(data: bytes, replace: dict[str, bytes | None] | None = None, add: dict[str, bytes] | None = None) -> bytes:
+    """A zip's bytes with members replaced (or dropped, for None) and added; members are named by their ending."""
+    replace = replace or {}
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            ending = next((k for k in replace if info.filename.endswith(k)), None)
+            if ending is None:
+                dst.writestr(info, src.read(info))
+            elif replace[ending] is not None:
+                dst.writestr(info, replace[ending])
+        root = src.namelist()[0].partition("/")[0]
+        for name, content in (add or {}).items():
+            dst.writestr(f"{root}/{name}", content)
+    return out.getvalue()
+
+
+def _zip(members: dict[str, bytes], deflate: bool = False) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as z:
+        for name, content in members.items():
+            z.writestr(name, content)
+    return out.getvalue()
+
+
+def png(array: np.ndarray) -> bytes:
+    """A PNG file of an H×W uint8 image."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_zip(per_class: int = 30, skip: int = 0, root: str = "digits") -> dict[str, bytes]:
+    """An image-folder tree of digits: root/<class>/<n>.png, plus the junk macOS adds."""
+    x, y = pick(per_class, skip)
+    members = {f"{root}/{c}/{i:04d}.png": png(img[0]) for i, (img, c) in enumerate(zip(x, y))}
+    return {**members, "__MACOSX/digits/0/._0000.png": b"\x00\x05\x16\x07", f"{root}/.DS_Store": b"junk"}
+
+
+def _zip_of_zeros(name: str, npy_shape: tuple[int, ...], y: np.ndarray) -> bytes:
+    """An .npz whose x is uint8 zeros of `npy_shape`, written as a stream and deflated (tiny on disk)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": npy_shape})
+            left = int(np.prod(npy_shape))
+            block = bytes(4 * MiB)
+            while left:
+                f.write(block[:min(left, len(block))])
+                left -= min(left, len(block))
+        buf = io.BytesIO()
+        np.save(buf, y)
+        z.writestr("y.npy", buf.getvalue())
+    return out.getvalue()
+
+
+def _encrypted(data: bytes) -> bytes:
+    """The zip with the 'encrypted' flag set on its first member (local and central headers)."""
+    raw = bytearray(data)
+    for signature, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        i = raw.index(signature)
+        raw[i + at] |= 0x1
+    return bytes(raw)
+
+
+class _Planted:
+    """Pickles as a call of os.system: what an attacker puts in a .pt2's example inputs."""
+
+    def __reduce__(self):
+        return os.system, (f"touch {PWNED_MARKER}",)
+
+
+def _program(edit) -> bytes:
+    """The good .pt2 with its models/model.json edited by `edit` (a function of the parsed JSON)."""
+    with zipfile.ZipFile(io.BytesIO(exported())) as z:
+        program = json.loads(z.read(next(n for n in z.namelist() if n.endswith("models/model.json"))))
+    edit(program)
+    return rezip(exported(), {"models/model.json": json.dumps(program).encode()})
+
+
+def _first_node(program: dict) -> dict:
+    return program["graph_module"]["graph"]["nodes"][0]
+
+
+def _planted_size(program: dict) -> None:
+    """The input's symbolic batch size, replaced by code that sympify (inside torch.export.load) would run."""
+    batch = program["graph_module"]["graph"]["tensor_values"]["x"]["sizes"][0]["as_expr"]
+    batch["expr_str"] = f"__import__('os').system('touch {PWNED_MARKER}')"
+
+
+def _sample_inputs(pickled: bytes) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(exported())) as z:
+        inner = z.read(next(n for n in z.namelist() if n.endswith("sample_inputs/model.pt")))
+    return rezip(exported(), {"sample_inputs/model.pt": rezip(inner, {"data.pkl": pickled})})
+
+
+def _payload_pickled() -> bytes:
+    with zipfile.ZipFile(io.BytesIO(exported())) as z:
+        config = json.loads(z.read(next(n for n in z.namelist() if n.endswith("model_weights_config.json"))))
+    next(iter(config["config"].values()))["use_pickle"] = True
+    return rezip(exported(), {"model_weights_config.json": json.dumps(config).encode()})
+
+
+def corpus(tmp: Path) -> list[BadUpload]:
+    """Every bad upload the service must refuse, each the valid job with one thing broken."""
+    good = good_parts(tmp)
+    x, y = pick(30)
+    w = weights()
+    cases: list[BadUpload] = []
+
+    def case(name: str, status: int, fragment: str, http_only: bool = False, drop: str | None = None, **parts) -> None:
+        broken = {**good, **parts}
+        if drop:
+            del broken[drop]
+        cases.append(BadUpload(name, broken, status, fragment, http_only))
+
+    def model(content: bytes, filename: str = "lenet.safetensors") -> tuple[str, bytes, str]:
+        return filename, content, "application/octet-stream"
+
+    def spec(value: dict | bytes) -> tuple[str, bytes, str]:
+        return "spec.json", value if isinstance(value, bytes) else json.dumps(value).encode(), "application/json"
+
+    def config(value: dict | bytes) -> tuple[str, bytes, str]:
+        return "config.json", value if isinstance(value, bytes) else json.dumps(value).encode(), "application/json"
+
+    def train(content: bytes, filename: str = "train.npz") -> tuple[str, bytes, str]:
+        return filename, content, "application/octet-stream"
+
+    def pt2(content: bytes) -> dict:
+        return {"model": model(content, "net.pt2"), "model_spec": spec(CUSTOM_SPEC)}
+
+    # HTTP layer: headers, sizes, presence
+    case("wrong content type", 415, "content type", http_only=True,
+         model=("lenet.safetensors", good["model"][1], "image/png"))
+    case("oversized part", 413, "larger than", http_only=True, config=config(b"{}" + b" " * 70_000))
+    case("missing part", 422, "missing part(s) model", http_only=True, drop="model")
+    case("pickled checkpoint", 415, "pickled checkpoints are never loaded", model=model(good["model"][1], "lenet.pth"))
+    case("unknown data kind", 415, "is not .npz or .zip", train_data=train(good["train_data"][1], "train.csv"))
+
+    # model: safetensors
+    full = save(w)
+    case("truncated safetensors", 422, "truncated", model=model(full[:-1000]))
+    case("safetensors garbage length", 422, "not a safetensors file", model=model(b"\xff" * 8 + full[8:]))
+    case("safetensors header not json", 422, "not valid json", model=model(struct.pack("<Q", 12) + b"not json!!!!"))
+    case("bool weight", 422, "fc1.bias is stored as bool", model=model(save({**w, "fc1.bias": torch.ones(500, dtype=torch.bool)})))
+    case("complex weight", 422, "stored as complex64",
+         model=model(save({**w, "conv1.weight": w["conv1.weight"].to(torch.complex64)})))
+    case("int weight", 422, "fc2.weight is stored as int32",
+         model=model(save({**w, "fc2.weight": w["fc2.weight"].to(torch.int32)})))
+    case("missing key", 422, "missing 1 tensors (e.g. fc2.bias)", model=model(save({k: v for k, v in w.items() if k != "fc2.bias"})))
+    case("extra key", 422, "1 unexpected tensors", model=model(save({**w, "fc3.weight": torch.zeros(2)})))
+    case("wrong shape", 422, "fc2.weight has shape [5, 500]", model=model(save({**w, "fc2.weight": torch.zeros(5, 500)})))
+    case("spec and weights disagree", 422, "fc2.bias has shape [10] but the spec's architecture needs [5]", model_spec=spec({**SPEC, "num_classes": 5}))
+    nan, inf = w["fc1.weight"].clone(), w["conv2.bias"].clone()
+    nan[3, 7], inf[2] = float("nan"), float("inf")
+    case("nan weights", 422, "fc1.weight contains nan or inf", model=model(save({**w, "fc1.weight": nan})))
+    case("inf weights", 422, "conv2.bias contains nan or inf", model=model(save({**w, "conv2.bias": inf.half()})))
+    case("bfloat16 nan weights", 422, "fc1.weight contains nan or inf", model=model(save({**w, "fc1.weight": nan.bfloat16()})))
+    case("tensor named twice", 422, "names 'fc2.bias' twice", model=model(_duplicate_key(full, "fc2.bias")))
+
+    # spec and config
+    case("spec invalid json", 422, "model_spec is not valid json", model_spec=spec(b'{"architecture": "lenet",'))
+    case("spec not an object", 422, "must be a json object", model_spec=spec(b"[1, 28, 28]"))
+    case("spec unknown architecture", 422, "unknown architecture 'nonet'", model_spec=spec({**SPEC, "architecture": "nonet"}))
+    case("spec bad input_shape", 422, "input_shape [1, 0, 28]", model_spec=spec({**SPEC, "input_shape": [1, 0, 28]}))
+    case("config unknown key", 422, "extra inputs are not permitted", config=config({"epochz": 3}))
+    case("config bad value", 422, "finetune.epochs: input should be greater than or equal to 1",
+         config=config({"finetune": {"epochs": 0}}))
+    case("config not utf-8", 422, "not utf-8", config=config(b'\xff\xfe{"seed": 1}'))
+
+    # data: .npz
+    case("labels out of range", 422, "labels span 0..12", train_data=train(npz(x=x, y=np.where(y == 9, 12, y))))
+    case("negative labels", 422, "labels span -1..9", train_data=train(npz(x=x, y=np.where(y == 0, -1, y))))
+    case("float labels", 422, "give integer class indices", train_data=train(npz(x=x, y=y.astype(np.float32))))
+    case("one class", 422, "holds only one class (3)", train_data=train(npz(x=x, y=np.full_like(y, 3))))
+    case("empty data", 422, "test_data is empty", test_data=("t.npz", npz(x=x[:0], y=y[:0]), "application/zip"))
+    case("x/y length mismatch", 422, "give one label per image, shape [300]", train_data=train(npz(x=x, y=y[:-1])))
+    case("pixels outside [0,1]", 422, "float pixels span [0, 255]", train_data=train(npz(x=x.astype(np.float32), y=y)))
+    nan_x = x.astype(np.float32) / 255
+    nan_x[17, 0, 3, 4] = np.nan
+    case("nan pixels", 422, "images contain nan or inf", train_data=train(npz(x=nan_x, y=y)))
+    case("wrong image shape", 422, "the model takes [1, 28, 28]", train_data=train(npz(x=x[:, :, :20, :20], y=y)))
+    case("uint16 pixels", 422, "images have dtype uint16", train_data=train(npz(x=x.astype(np.uint16), y=y)))
+    objects = np.empty(len(y), dtype=object)
+    case("pickled object array", 422, "pickled objects", train_data=train(npz(x=objects, y=y)))
+    case("missing y", 422, "lacks array(s) y", train_data=train(npz(x=x)))
+    few = np.concatenate([np.flatnonzero(y != 4), np.flatnonzero(y == 4)[:2]])
+    case("class with 2 samples", 422, "has 2 samples of class 4", train_data=train(npz(x=x[few], y=y[few])))
+    case("test labels out of range", 422, "test_data: labels span 1..10",
+         test_data=("t.npz", npz(x=pick(10, 30)[0], y=np.minimum(pick(10, 30)[1] + 1, 10)), "application/zip"))
+    case("npz not a zip", 422, "not a readable .npz file", train_data=train(b"x,y\n0,1\n"))
+    case("truncated npy", 422, "x is truncated",
+         train_data=train(_zip({"x.npy": _npy(x)[:-5000], "y.npy": _npy(y)})))
+    case("data before the zip", 422, "data before its zip archive", train_data=train(b"MZ" * 64 + good["train_data"][1]))
+    case("encrypted npz", 422, "is encrypted", train_data=train(_encrypted(good["train_data"][1])))
+    case("zip bomb", 413, "decompresses to more than 64 mib",
+         train_data=train(_zip_of_zeros("x", (102_000, 1, 28, 28), y[:0])))
+    case("compression ratio", 413, "beyond the compression ratio limit of 200×",
+         train_data=train(_zip_of_zeros("x", (30_000, 1, 28, 28), y[:0])))
+    case("too many members", 413, "holds 1001 files; the limit is 1000",
+         train_data=train(_zip({f"{i}.txt": b"" for i in range(1001)}), "train.zip"))
+
+    # data: image-folder zips
+    tree = image_zip()
+    case("zip slip", 422, "unsafe path", train_data=train(_zip({**tree, "digits/0/../../../evil.png": tree["digits/0/0000.png"]}), "t.zip"))
+    case("absolute path", 422, "unsafe path", train_data=train(_zip({**tree, "/etc/cron.d/x.png": b""}), "t.zip"))
+    case("symlink member", 422, "is a symbolic link", train_data=train(_symlinked(tree), "t.zip"))
+    case("wrong number of class folders", 422, "has 9 class folders",
+         train_data=train(_zip({k: v for k, v in tree.items() if not k.startswith("digits/9/")}), "t.zip"))
+    case("image of the wrong size", 422, "is 32×32 pixels but the model takes 28×28",
+         train_data=train(_zip({**tree, "digits/0/0000.png": png(np.zeros((32, 32), np.uint8))}), "t.zip"))
+    case("not an image", 422, "'digits/3/notes.txt' is not an image", train_data=train(_zip({**tree, "digits/3/notes.txt": b"hi"}), "t.zip"))
+    case("broken image", 422, "is not a readable image", train_data=train(_zip({**tree, "digits/5/0000.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 50}), "t.zip"))
+
+    # model: .pt2 (custom architectures)
+    case("pt2 with a zoo architecture", 422, "architecture must be 'custom'", model=model(exported(), "net.pt2"))
+    case("custom with safetensors", 422, "needs the network itself", model_spec=spec(CUSTOM_SPEC))
+    case("pt2 planted pickle", 422, "calls posix.system", **pt2(_sample_inputs(pickle.dumps(_Planted(), protocol=2))))
+    case("pt2 planted pickle, protocol 5", 422, "opcode(s) frame, memoize, short_binunicode", **pt2(_sample_inputs(pickle.dumps(_Planted(), protocol=5))))
+    case("pt2 aotinductor", 422, "aotinductor-compiled code", **pt2(rezip(exported(), add={"data/aotinductor/model/model.wrapper.cpp": b"//"})))
+    case("pt2 native library", 422, "is a native library", **pt2(rezip(exported(), add={"data/libpayload.so": b"\x7fELF"})))
+    case("pt2 opaque object", 422, "custom or opaque object", **pt2(rezip(exported(), add={"data/constants/opaque_obj_0": b"\x80\x04."})))
+    case("pt2 pickled weight", 422, "is stored pickled", **pt2(_payload_pickled()))
+    case("pt2 graph calls python", 422, "'torch.serialization.os.system', which is not a pytorch operator",
+         **pt2(_program(lambda p: _first_node(p).update(target="torch.serialization.os.system"))))
+    case("pt2 size expression runs code", 422, "size expression", **pt2(_program(_planted_size)))
+    case("pt2 guard code", 422, "carries guard code", **pt2(_program(lambda p: p.update(guards_code=["os.system('x')"]))))
+    case("pt2 unexpected member", 422, "unexpected member", **pt2(rezip(exported(), add={"extra/notes.txt": b"hi"})))
+    case("pt2 not a zip", 422, "not a .pt2 archive", **pt2(b"PT2 but not really"))
+    case("pt2 fixed batch size", 422, "fails on a batch of 1", **pt2(export(_FixedBatch(), dynamic=False)))
+    return cases
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _duplicate_key(data: bytes, key: str) -> bytes:
+    """The safetensors file with the entry of `key` written twice in its header (same offsets)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header)[:-1] + f', "{key}": {json.dumps(header[key])}}}'
+    text += " " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text.encode() + data[8 + n:]
+
+
+def _symlinked(tree: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, content in tree.items():
+            z.writestr(name, content)
+        link = zipfile.ZipInfo("digits/0/link.png")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        z.writestr(link, "/etc/passwd")
+    return out.getvalue()

@@ -1,0 +1,36 @@
+"""What a worker or the API needs, built once per process from the settings."""
+
+import os
+import socket
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from services.artifacts import ArtifactStore, open_store
+from services.db import Database
+from services.jobs.service import Dispatcher
+from services.settings import Settings, get_settings
+
+
+@dataclass
+class Context:
+    """Settings, database, artifact store and the dispatcher that sends stages to workers."""
+
+    settings: Settings
+    db: Database
+    store: ArtifactStore
+    dispatcher: Dispatcher | None = None
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+
+def build(settings: Settings, dispatcher: Dispatcher | None = None) -> Context:
+    """A context for these settings."""
+    store = open_store(settings.artifacts, settings.s3_endpoint_url, settings.s3_region)
+    return Context(settings, Database(settings.database), store, dispatcher)
+
+
+@lru_cache
+def celery_context() -> Context:
+    """The context of a Celery worker process (its dispatcher sends the next stage through Celery)."""
+    from workers.celery_app import CeleryDispatcher, app
+
+    return build(get_settings(), CeleryDispatcher(app))

@@ -1,0 +1,39 @@
+"""The embedded worker: a thread in the API process that runs stages from an in-memory queue,
+through the same `run_stage` as Celery workers. For a first run and demos (one job at a time)."""
+
+import logging
+import queue
+import threading
+import uuid
+
+from services.jobs.service import Claim
+from workers.context import Context
+from workers.runner import run_stage
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedWorker(threading.Thread):
+    """Runs queued stages one after another; also the dispatcher that queues them."""
+
+    def __init__(self, ctx: Context):
+        super().__init__(daemon=True, name="ladder-embedded-worker")
+        self.ctx = ctx
+        self.queue: queue.Queue[tuple[uuid.UUID, str] | None] = queue.Queue()
+        ctx.dispatcher = self
+
+    def enqueue(self, job_id: uuid.UUID, stage: str) -> None:
+        """Queue a stage."""
+        self.queue.put((job_id, stage))
+
+    def stop(self) -> None:
+        """Finish the current stage, then end."""
+        self.queue.put(None)
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                if run_stage(self.ctx, *item) is Claim.BUSY:
+                    threading.Timer(self.ctx.settings.stale_after_s, self.enqueue, item).start()
+            except Exception:
+                log.exception("embedded worker: %s of job %s", item[1], item[0])

@@ -1,0 +1,194 @@
+"""Run one stage of one job: claim it, load the job's inputs and earlier stages from the artifact
+store, run the method's stage, store its output, record the transition. Celery tasks and the
+embedded worker both call `run_stage`, so both follow the same path.
+"""
+
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from services import checkpoints
+from services.artifacts import ArtifactStore, file_digest
+from services.errors import InputError
+from services.jobs import repository, service
+from services.jobs.models import STAGES
+from services.jobs.service import Claim
+from services.method.config import LadderConfig
+from services.method.models import ModelSpec, net_weights
+from services.method.pipeline import Run, split_inputs
+from services.uploads import load_data, load_model
+from workers.context import Context
+
+log = logging.getLogger(__name__)
+
+
+class Stopped(Exception):
+    """The job was canceled, or another worker took the stage over."""
+
+
+def stage_key(job_id: uuid.UUID, inputs_digest: str, stage: str) -> str:
+    """Where a stage's output is stored: keyed by job, the digest of its inputs and the stage."""
+    return f"jobs/{job_id}/stages/{inputs_digest[:16]}/{stage}.safetensors"
+
+
+class ArtifactStages:
+    """A StageStore over the artifact store. Earlier stages must exist (and match their recorded
+    SHA-256); the current stage's output may exist already if a worker died after writing it."""
+
+    def __init__(self, store: ArtifactStore, job_id: uuid.UUID, inputs_digest: str, stage: str,
+                 recorded: dict[str, str], tmp: Path):
+        self.store, self.job_id, self.digest, self.stage, self.recorded, self.tmp = store, job_id, inputs_digest, stage, recorded, tmp
+        self.saved: dict[str, tuple[str, str, int]] = {}
+        self.found_current = False
+
+    def load(self, stage: str) -> Any | None:
+        """The stored output of `stage`, or None for the current stage when it is not there yet."""
+        key = stage_key(self.job_id, self.digest, stage)
+        earlier = STAGES.index(stage) < STAGES.index(self.stage)
+        if not self.store.exists(key):
+            if earlier:
+                raise RuntimeError(f"the output of stage {stage} is missing from the artifact store")
+            return None
+        path = self.tmp / f"{stage}.safetensors"
+        self.store.fetch(key, path)
+        sha, size = file_digest(path)
+        if earlier and self.recorded.get(f"stage.{stage}") != sha:
+            raise RuntimeError(f"the output of stage {stage} does not match its recorded SHA-256")
+        if stage == self.stage:
+            self.found_current = True
+            self.saved[stage] = (key, sha, size)
+        return checkpoints.load(path)
+
+    def save(self, stage: str, value: Any) -> None:
+        """Store a stage's output (only the current stage is ever computed here)."""
+        if stage != self.stage:
+            raise RuntimeError(f"stage {stage} would be computed while running {self.stage}")
+        path = self.tmp / f"{stage}.safetensors"
+        checkpoints.save(value, path)
+        key = stage_key(self.job_id, self.digest, stage)
+        self.saved[stage] = (key, *self.store.put(key, path))
+
+
+class Reporter:
+    """The method's progress callback: writes progress and the heartbeat (throttled) and stops
+    the stage between batches when the job is canceled or taken over."""
+
+    def __init__(self, ctx: Context, job_id: uuid.UUID, stage: str):
+        self.ctx, self.job_id, self.stage = ctx, job_id, stage
+        self.last = 0.0
+
+    def __call__(self, stage: str, fraction: float, metrics: dict[str, float]) -> None:
+        now = time.monotonic()
+        if stage != self.stage or (now - self.last < self.ctx.settings.progress_every_s and fraction < 1.0):
+            return
+        self.last = now
+        with self.ctx.db.session() as s:
+            stop = service.record_progress(s, self.job_id, self.stage, self.ctx.worker_id, min(fraction, 1.0), metrics)
+        if stop:
+            raise Stopped()
+
+
+class Heartbeat(threading.Thread):
+    """Beats while a stage runs, also through long stretches without batches."""
+
+    def __init__(self, ctx: Context, job_id: uuid.UUID, stage: str):
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.ctx, self.job_id, self.stage = ctx, job_id, stage
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.ctx.settings.heartbeat_s):
+            try:
+                with self.ctx.db.session() as s:
+                    service.heartbeat(s, self.job_id, self.stage, self.ctx.worker_id)
+            except Exception:  # a missed beat is not fatal; the next may get through
+                log.exception("heartbeat of job %s failed", self.job_id)
+
+
+def _inputs(ctx: Context, job: Any, arts: dict[str, Any], tmp: Path) -> tuple[Any, ModelSpec, Any, Any, LadderConfig]:
+    spec = ModelSpec.model_validate(job.spec)
+    config = LadderConfig.model_validate(job.config)
+    loaded = {}
+    for part in ("model", "train_data", "test_data"):
+        art = arts.get(f"input.{part}")
+        if art is not None:
+            path = tmp / Path(art.key).name
+            ctx.store.fetch(art.key, path)
+            if file_digest(path)[0] != art.sha256:
+                raise RuntimeError(f"the uploaded {part} does not match its recorded SHA-256")
+            loaded[part] = path
+    fmt = job.inputs
+    model = load_model(loaded["model"], fmt["model"]["format"], spec)
+    train = load_data(loaded["train_data"], fmt["train_data"]["format"], spec, "train_data")
+    test = load_data(loaded["test_data"], fmt["test_data"]["format"], spec, "test_data") if "test_data" in loaded else None
+    train, test = split_inputs(train, test, config, spec.num_classes)
+    return model, spec, train, test, config
+
+
+def _results(ctx: Context, job: Any, run: Run, tmp: Path, stage_seconds: dict[str, float]) -> tuple[dict, dict]:
+    """The report and the stored models: hardened (LADDER) weights, then control and variants."""
+    artifacts = {}
+    for name, model in run.models().items():
+        if name == "vanilla":
+            continue
+        path = tmp / f"{name}.safetensors"
+        save_file(net_weights(model), str(path), metadata={"ladder.model": name, "ladder.job": str(job.id)})
+        key = f"jobs/{job.id}/results/{name}.safetensors"
+        artifacts["model" if name == "ladder" else f"model.{name}"] = (key, *ctx.store.put(key, path))
+    return run.report(stage_seconds), artifacts
+
+
+def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
+    """Claim and run one stage of a job; what the claim decided."""
+    me = ctx.worker_id
+    with ctx.db.session() as s:
+        outcome = service.claim(s, job_id, stage, me, ctx.settings.stale_after_s, ctx.settings.max_attempts, ctx.store)
+        if outcome is not Claim.RUN:
+            return outcome
+        job = repository.get(s, job_id)
+        arts = {a.name: a for a in repository.artifacts(s, job_id)}
+        done = {r.stage: r.seconds for r in job.stages if r.seconds is not None}
+    log.info("job %s: %s (attempt %d)", job_id, stage, job.attempt)
+    beat = Heartbeat(ctx, job_id, stage)
+    beat.start()
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="ladder-") as tmp_dir:
+            tmp = Path(tmp_dir)
+            model, spec, train, test, config = _inputs(ctx, job, arts, tmp)
+            reporter = Reporter(ctx, job_id, stage)
+            stages = ArtifactStages(ctx.store, job_id, job.inputs_digest, stage, {k: a.sha256 for k, a in arts.items()}, tmp)
+            run = Run(model, spec, train, test, config, stages, reporter)
+            report, computed = None, True
+            if stage == "report":
+                report, artifacts = _results(ctx, job, run, tmp, done)
+            else:
+                run.output(stage)
+                computed = not stages.found_current
+                artifacts = {f"stage.{stage}": stages.saved[stage]}
+        seconds = time.perf_counter() - started
+        with ctx.db.session() as s:
+            service.complete_stage(s, job_id, stage, me, seconds, computed, artifacts, ctx.dispatcher, ctx.store, report)
+    except Stopped:
+        with ctx.db.session() as s:
+            job = repository.get(s, job_id)
+            if job is not None and job.cancel_requested:
+                service.stop(s, job_id, stage, me, "canceled", ctx.store)
+        log.info("job %s: %s stopped", job_id, stage)
+    except InputError as e:
+        with ctx.db.session() as s:
+            service.stop(s, job_id, stage, me, "failed", ctx.store, "invalid_input", str(e))
+    except Exception as e:
+        log.exception("job %s: stage %s failed", job_id, stage)
+        with ctx.db.session() as s:
+            service.stop(s, job_id, stage, me, "failed", ctx.store, "internal_error",
+                         f"stage {stage} failed ({type(e).__name__}); the operators have the traceback in the worker log")
+    finally:
+        beat.done.set()
+    return Claim.RUN
