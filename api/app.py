@@ -7,7 +7,7 @@ import time
 from contextlib import asynccontextmanager
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -70,12 +70,34 @@ class Metrics:
                 gauge.add_metric([status], n)
         yield gauge
 
-    def observe(self, request: Request, status: int, seconds: float) -> None:
+    def observe(self, scope: Scope, status: int, seconds: float) -> None:
         """Count one request under its route template (not its path: ids would explode the labels)."""
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        self.requests.labels(request.method, name, str(status)).inc()
+        name = getattr(scope.get("route"), "path", "unmatched")
+        self.requests.labels(scope["method"], name, str(status)).inc()
         self.latency.labels(name).observe(seconds)
+
+
+class Observe:
+    """Times every HTTP request into the metrics (plain ASGI: no per-request task or thread)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def sent(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            self.metrics.observe(scope, status, time.perf_counter() - started)
 
 
 class Reconciler(threading.Thread):
@@ -143,13 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     metrics = Metrics(ctx)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        metrics.observe(request, response.status_code, time.perf_counter() - started)
-        return response
-
+    app.add_middleware(Observe, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
 
     @app.get("/healthz", tags=["ops"])

@@ -2,18 +2,21 @@
 
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from api.problems import Problem
 from services.tenants.service import digest, tenant_of
 from workers.context import Context
 
+T = TypeVar("T")
 
-def get_context(request: Request) -> Context:
+
+async def get_context(request: Request) -> Context:
     """The app's context (settings, database, store, dispatcher)."""
     return request.app.state.ctx
 
@@ -21,18 +24,19 @@ def get_context(request: Request) -> Context:
 ContextDep = Annotated[Context, Depends(get_context)]
 
 
-def get_session(ctx: ContextDep) -> Iterator[Session]:
-    """A session for the request: commits on success, rolls back on error."""
-    with ctx.db.session() as session:
-        yield session
+async def in_session(ctx: Context, fn: Callable[[Session], T]) -> T:
+    """Run `fn` with a session in the threadpool (one hop per request); committed before it returns."""
 
+    def run() -> T:
+        with ctx.db.session() as session:
+            return fn(session)
 
-SessionDep = Annotated[Session, Depends(get_session)]
+    return await run_in_threadpool(run)
 
 _keys: dict[str, tuple[uuid.UUID, float]] = {}  # key digest → (tenant, until): spares a query per poll
 
 
-def get_tenant(request: Request, ctx: ContextDep) -> uuid.UUID:
+async def get_tenant(request: Request, ctx: ContextDep) -> uuid.UUID:
     """The tenant whose bearer key came with the request (401 without a valid one)."""
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key:
@@ -42,8 +46,7 @@ def get_tenant(request: Request, ctx: ContextDep) -> uuid.UUID:
     hit = _keys.get(d)
     if hit is not None and hit[1] > now:
         return hit[0]
-    with ctx.db.session() as s:
-        tenant = tenant_of(s, key.strip())
+    tenant = await in_session(ctx, lambda s: tenant_of(s, key.strip()))
     if tenant is None:
         raise Problem(401, "this API key is unknown or revoked; create one with: ladder keys create --tenant NAME",
                       {"WWW-Authenticate": 'Bearer error="invalid_token"'})

@@ -17,7 +17,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException
 
 import services
-from api.deps import ContextDep, SessionDep, TenantDep
+from api.deps import ContextDep, TenantDep, in_session
 from api.problems import Problem
 from api.schemas import JobOut, JobPage, ProblemOut
 from services.jobs import repository, service
@@ -45,6 +45,10 @@ HARDEN_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     }}}}}}
 
 
+def _too_large(name: str, size: int, cap: int) -> str:
+    return f"part {name!r} is larger than the {cap:,}-byte limit ({size:,} bytes); send a smaller file"
+
+
 def _receive(form: FormData, tmp: Path, limits: Limits) -> tuple[dict[str, Path], dict[str, str | None]]:
     """Copy every part to `tmp`, checking names, types and size caps as the bytes are copied."""
     names = list(form.keys())
@@ -63,7 +67,7 @@ def _receive(form: FormData, tmp: Path, limits: Limits) -> tuple[dict[str, Path]
         if isinstance(value, UploadFile):
             check_part(name, value.filename, value.content_type)
             if value.size is not None and value.size > cap:
-                raise Problem(413, f"part {name!r} is {value.size:,} bytes; the limit is {cap:,}")
+                raise Problem(413, _too_large(name, value.size, cap))
             value.file.seek(0)
             with open(path, "wb") as out:
                 shutil.copyfileobj(value.file, out, CHUNK)
@@ -73,11 +77,11 @@ def _receive(form: FormData, tmp: Path, limits: Limits) -> tuple[dict[str, Path]
                 raise Problem(422, f"part {name!r} must be a file upload (curl: -F {name}=@FILE)")
             data = value.encode()
             if len(data) > cap:
-                raise Problem(413, f"part {name!r} is {len(data):,} bytes; the limit is {cap:,}")
+                raise Problem(413, _too_large(name, len(data), cap))
             path.write_bytes(data)
             filenames[name] = None
         if path.stat().st_size > cap:
-            raise Problem(413, f"part {name!r} is {path.stat().st_size:,} bytes; the limit is {cap:,}")
+            raise Problem(413, _too_large(name, path.stat().st_size, cap))
         paths[name] = path
     return paths, filenames
 
@@ -188,8 +192,8 @@ def _cursor(job: Any) -> str:
 
 
 @router.get("/jobs", response_model=JobPage, responses=PROBLEMS)
-def list_jobs(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              cursor: Annotated[str | None, Query(description="the `next` of the previous page")] = None) -> JobPage:
+async def list_jobs(ctx: ContextDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                    cursor: Annotated[str | None, Query(description="the `next` of the previous page")] = None) -> JobPage:
     """The caller's jobs, newest first."""
     before = None
     if cursor:
@@ -198,23 +202,31 @@ def list_jobs(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Quer
             before = (datetime.fromisoformat(at), uuid.UUID(jid))
         except ValueError as e:
             raise Problem(422, "cursor is not one this API gave; use the `next` link of the previous page") from e
-    jobs = repository.page(session, tenant, limit + 1, before)
-    more = len(jobs) > limit
-    jobs = jobs[:limit]
-    return JobPage(items=[JobOut.of(j) for j in jobs], next=f"/v1/jobs?limit={limit}&cursor={_cursor(jobs[-1])}" if more else None)
+
+    def page(session) -> JobPage:
+        jobs = repository.page(session, tenant, limit + 1, before)
+        more = len(jobs) > limit
+        jobs = jobs[:limit]
+        return JobPage(items=[JobOut.of(j) for j in jobs],
+                       next=f"/v1/jobs?limit={limit}&cursor={_cursor(jobs[-1])}" if more else None)
+
+    return await in_session(ctx, page)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=PROBLEMS)
-def get_job(job_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> JobOut:
+async def get_job(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep) -> JobOut:
     """A job's status, stage, progress, timings and error."""
-    return JobOut.of(_job(session, tenant, job_id))
+    return await in_session(ctx, lambda s: JobOut.of(_job(s, tenant, job_id)))
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, responses=PROBLEMS)
-def cancel_job(job_id: uuid.UUID, session: SessionDep, tenant: TenantDep, ctx: ContextDep) -> JobOut:
+async def cancel_job(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep) -> JobOut:
     """Cancel a queued job now, or a running one at its next batch."""
-    job = repository.get(session, _job(session, tenant, job_id).id, lock=True)
-    return JobOut.of(service.request_cancel(session, job, ctx.store))
+    def cancel(session) -> JobOut:
+        _job(session, tenant, job_id)
+        return JobOut.of(service.request_cancel(session, repository.get(session, job_id, lock=True), ctx.store))
+
+    return await in_session(ctx, cancel)  # committed, and its artifacts deleted, before the answer goes out
 
 
 def _finished(job: Any, what: str) -> None:
@@ -224,25 +236,32 @@ def _finished(job: Any, what: str) -> None:
 
 @router.get("/jobs/{job_id}/model", responses={**PROBLEMS, 200: {"content": {"application/octet-stream": {}},
             "description": "the hardened weights (safetensors state dict); ETag = SHA-256"}, 304: {"description": "not modified"}})
-def get_model(job_id: uuid.UUID, session: SessionDep, tenant: TenantDep, ctx: ContextDep,
-              if_none_match: Annotated[str | None, Header()] = None) -> Response:
+async def get_model(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep,
+                    if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """The hardened weights as safetensors, with a strong ETag (their SHA-256)."""
-    job = _job(session, tenant, job_id)
-    _finished(job, "model")
-    art = repository.artifact(session, job.id, "model")
-    if art is None:
-        raise Problem(409, f"job {job.id} has no stored model; submit it again")
+    def stored(session) -> Any:
+        job = _job(session, tenant, job_id)
+        _finished(job, "model")
+        art = repository.artifact(session, job.id, "model")
+        if art is None:
+            raise Problem(409, f"job {job.id} has no stored model; submit it again")
+        return art
+
+    art = await in_session(ctx, stored)
     etag = f'"{art.sha256}"'
     if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
     return StreamingResponse(ctx.store.stream(art.key), media_type="application/octet-stream", headers={
         "ETag": etag, "Content-Length": str(art.size),
-        "Content-Disposition": f'attachment; filename="hardened-{job.id}.safetensors"'})
+        "Content-Disposition": f'attachment; filename="hardened-{job_id}.safetensors"'})
 
 
 @router.get("/jobs/{job_id}/report", responses=PROBLEMS)
-def get_report(job_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+async def get_report(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep) -> dict[str, Any]:
     """The evaluation report (JSON, schema ladder.report/1), stored with the job."""
-    job = _job(session, tenant, job_id)
-    _finished(job, "report")
-    return job.report
+    def report(session) -> dict[str, Any]:
+        job = _job(session, tenant, job_id)
+        _finished(job, "report")
+        return job.report
+
+    return await in_session(ctx, report)

@@ -18,7 +18,7 @@ from services.checkpoints import DirectoryStore, atomic_write
 from services.datasets import (
     ImageData, channels_first, conform, load_npz, mnist5k, mnist_idx, save_npz, stratified_split,
 )
-from services.errors import InputError
+from services.errors import InputError, one_line
 from services.method.config import LadderConfig
 from services.method.finetune import accuracy, fit
 from services.method.models import ModelSpec, build_classifier, net_weights
@@ -26,13 +26,6 @@ from services.method.pipeline import STAGE_SCHEMA, STAGES, harden, split_inputs
 
 BUILTIN_DATA = {"mnist5k": mnist5k}
 console = Console(stderr=True)
-
-
-def _one_line(e: ValidationError, what: str) -> str:
-    first = e.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    return f"{what}: {where}: {first['msg']}{more}"
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -52,7 +45,7 @@ def load_spec(path: Path) -> ModelSpec:
     try:
         return ModelSpec.model_validate(_read_json(path, "spec"))
     except ValidationError as e:
-        raise InputError(_one_line(e, f"spec {path}")) from e
+        raise InputError(one_line(e, f"spec {path}")) from e
 
 
 def load_config(path: Path | None) -> LadderConfig:
@@ -62,7 +55,7 @@ def load_config(path: Path | None) -> LadderConfig:
     try:
         return LadderConfig.model_validate(_read_json(path, "config"))
     except ValidationError as e:
-        raise InputError(_one_line(e, f"config {path}")) from e
+        raise InputError(one_line(e, f"config {path}")) from e
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -126,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             mean=train.x.mean((0, 2, 3)).tolist(), std=train.x.std((0, 2, 3)).clamp_min(1e-3).tolist(),
         )
     except ValidationError as e:
-        raise InputError(_one_line(e, "model spec")) from e
+        raise InputError(one_line(e, "model spec")) from e
     train = conform(train, spec.input_shape, num_classes, "training data")
     test = conform(test, spec.input_shape, num_classes, "test data")
     torch.manual_seed(args.seed)

@@ -30,7 +30,7 @@ SYMBOLIC_OPS = (  # what an exported graph computes on symbolic sizes (a dynamic
 )
 
 
-def is_operator(target: object) -> bool:
+def _is_operator(target: object) -> bool:
     """Whether a graph node's target is a PyTorch operator (or size arithmetic), not arbitrary Python."""
     if isinstance(target, torch._ops.OpOverload):
         return target.namespace in OPERATOR_NAMESPACES
@@ -49,7 +49,7 @@ def load_exported(path: Path, spec: ModelSpec) -> Classifier:
                          f"save it with torch.export.save (torch {torch.__version__.split('+')[0]})") from e
     for module in program.graph_module.modules():
         for node in module.graph.nodes if isinstance(module, fx.GraphModule) else ():
-            if node.op == "call_function" and not is_operator(node.target):
+            if node.op == "call_function" and not _is_operator(node.target):
                 raise InputError(f"model: the exported graph calls {node.target!r}, which is not a PyTorch operator; "
                                  "export a network built from torch operations only")
     return exported_classifier(program, spec)

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     max_json_bytes: int = 64 * 1024
     max_unzipped_bytes: int = 4096 * MB
     max_zip_ratio: int = 200
-    max_zip_members: int = 200_000
+    max_zip_members: int = 100_000  # zipfile keeps ~0.5 kB per member in memory
     pt2_load_timeout_s: int = 120
     pt2_load_memory_bytes: int = 8192 * MB
 

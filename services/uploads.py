@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Self
+from typing import IO, Self
 
 import numpy as np
 import torch
@@ -60,9 +60,7 @@ from services.method.models import (
     check_outputs,
     check_weight_layout,
 )
-
-if TYPE_CHECKING:
-    from services.settings import Settings
+from services.settings import Settings, get_settings
 
 MiB = 1 << 20
 _CHUNK = 8 * MiB  # bytes read at a time from a member or a file
@@ -94,7 +92,7 @@ class Limits:
     pt2_memory_bytes: int
 
     @classmethod
-    def from_settings(cls, s: "Settings") -> "Limits":
+    def from_settings(cls, s: Settings) -> "Limits":
         """The limits configured in the service's settings."""
         return cls(
             model_bytes=s.max_model_bytes, data_bytes=s.max_data_bytes, json_bytes=s.max_json_bytes,
@@ -143,16 +141,15 @@ def check_part(name: str, filename: str | None, content_type: str | None) -> Non
     media = (content_type or "").split(";")[0].strip().lower()
     if media and media not in rule.content_types:
         raise InputError(f"{name} has content type {media}; send it as {' or '.join(sorted(rule.content_types))}", 415)
-    kinds = " or ".join(rule.suffixes)
     if not filename:
         if rule.file:
-            raise InputError(f"{name} must be a file named *{kinds.replace(' or ', ' or *')}", 415)
+            raise InputError(f"{name} must be a file named {' or '.join(f'*{s}' for s in rule.suffixes)}", 415)
         return
     if not filename.lower().endswith(rule.suffixes):
         hint = ""
         if name == "model" and filename.lower().endswith(_PICKLED_SUFFIXES):
             hint = " (pickled checkpoints are never loaded: save the state dict with safetensors.torch.save_file)"
-        raise InputError(f"{name} file {filename!r} is not {kinds}{hint}", 415)
+        raise InputError(f"{name} file {filename!r} is not {' or '.join(rule.suffixes)}{hint}", 415)
 
 
 def parse_spec(raw: bytes) -> ModelSpec:
@@ -199,7 +196,7 @@ def check_model(path: Path, filename: str, spec: ModelSpec, limits: Limits) -> s
         raise InputError(f"model: architecture {CUSTOM!r} needs the network itself, as a .pt2 archive written by "
                          "torch.export.save; .safetensors weights need a zoo architecture in the spec")
     if fmt == "safetensors":
-        _check_safetensors(path, spec, limits)
+        _check_safetensors(path, spec)
     else:
         _scan_pt2(path, limits)
         _trial_load(path, spec, limits)
@@ -225,8 +222,6 @@ def load_model(path: Path, fmt: str, spec: ModelSpec) -> Classifier:
         except (SafetensorError, OSError) as e:
             raise InputError(f"model is not a readable safetensors file ({e}); save it with safetensors.torch.save_file") from e
         return build_classifier(spec, weights)
-    from services.settings import get_settings
-
     _scan_pt2(path, Limits.from_settings(get_settings()))
     return pt2check.load_exported(path, spec)
 
@@ -501,11 +496,11 @@ _SAFETENSORS_DTYPES = {
 _NONFINITE = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
 
 
-def _check_safetensors(path: Path, spec: ModelSpec, limits: Limits) -> None:
+def _check_safetensors(path: Path, spec: ModelSpec) -> None:
     header, data_start = _safetensors_header(path)
-    with torch.device("meta"):  # shapes and dtypes only: no memory for the weights
-        model = Classifier(build_net(spec), spec.mean, spec.std)
-    check_weight_layout(model.net.state_dict(), {k: (tuple(v["shape"]), _SAFETENSORS_DTYPES[v["dtype"]]) for k, v in header.items()})
+    model = _without_weights(spec)
+    given = {k: (tuple(v["shape"]), _SAFETENSORS_DTYPES[v["dtype"]]) for k, v in header.items()}
+    check_weight_layout(model.net.state_dict(), given)
     check_outputs(model.eval(), spec)
     with path.open("rb") as f:
         for key, entry in header.items():
@@ -521,6 +516,15 @@ def _check_safetensors(path: Path, spec: ModelSpec, limits: Limits) -> None:
                     raise InputError(f"weight {key} contains NaN or Inf values; upload finite weights")
 
 
+def _without_weights(spec: ModelSpec) -> Classifier:
+    """The spec's classifier on the meta device: shapes and dtypes, no memory for the weights."""
+    try:
+        with torch.device("meta"):
+            return Classifier(build_net(spec), spec.mean, spec.std)
+    except InputError:  # a builder that computes with tensor values (regnet) cannot run on meta tensors
+        return Classifier(build_net(spec), spec.mean, spec.std)
+
+
 def _safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     """The tensors' entries (name → dtype, shape, data_offsets) and where the data start, all checked."""
     size = path.stat().st_size
@@ -531,12 +535,14 @@ def _safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             raise InputError("model is truncated or not a safetensors file (its first 8 bytes do not give a header "
                              "length that fits the file); save it with safetensors.torch.save_file")
         if n > _MAX_SAFETENSORS_HEADER:
-            raise InputError(f"model: the safetensors header is {_size(n)}, beyond the {_size(_MAX_SAFETENSORS_HEADER)} limit", 413)
+            raise InputError(f"model: the safetensors header is {_size(n)}, beyond the limit of "
+                             f"{_size(_MAX_SAFETENSORS_HEADER)}", 413)
         raw = f.read(n)
     try:
         header = json.loads(raw, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InputError(f"model: the safetensors header is not valid JSON ({e}); save it with safetensors.torch.save_file") from e
+        raise InputError(f"model: the safetensors header is not valid JSON ({e}); "
+                         "save it with safetensors.torch.save_file") from e
     if not isinstance(header, dict):
         raise InputError("model: the safetensors header is not a JSON object; save it with safetensors.torch.save_file")
     header.pop("__metadata__", None)
@@ -621,12 +627,13 @@ def _scan_pt2(path: Path, limits: Limits) -> None:
             elif rel in _PT2_PAYLOADS:
                 _scan_payloads(_read_json(zf, info, budget), name)
             elif rel == _PT2_SAMPLE_INPUTS:
-                _scan_torch_save(zf, info, limits)
+                _scan_torch_save(zf, info, limits, budget)
             elif not _PT2_PLAIN.fullmatch(rel):
                 raise InputError(f"model: unexpected member {name!r} in the .pt2 archive; save the exported program "
                                  f"with torch.export.save (torch {torch.__version__.split('+')[0]}) and nothing else")
         if not any(i.filename.partition("/")[2] == _PT2_PROGRAM for i in infos):
-            raise InputError(f"model: the .pt2 archive holds no exported program ({_PT2_PROGRAM}); save it with torch.export.save")
+            raise InputError(f"model: the .pt2 archive holds no exported program ({_PT2_PROGRAM}); "
+                             "save it with torch.export.save")
 
 
 def _refuse_code(name: str, rel: str) -> None:
@@ -707,16 +714,15 @@ def _scan_payloads(config: object, name: str) -> None:
     if not isinstance(entries, dict):
         raise InputError(f"model: {name!r} is not a torch.export payload config; save the program with torch.export.save")
     for key, meta in entries.items():
-        if not isinstance(meta, dict) or meta.get("use_pickle") is not False or not isinstance(meta.get("path_name"), str) \
-                or not re.fullmatch(r"(weight|tensor)_\d+", meta["path_name"]):
+        plain = isinstance(meta, dict) and meta.get("use_pickle") is False and isinstance(meta.get("path_name"), str)
+        if not (plain and re.fullmatch(r"(weight|tensor)_\d+", meta["path_name"])):
             raise InputError(f"model: tensor {key!r} is stored pickled or as an object, which would run code when loaded; "
                              "export a network whose weights and constants are plain tensors")
 
 
-def _scan_torch_save(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: Limits) -> None:
+def _scan_torch_save(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: Limits, budget: _Budget) -> None:
     """Refuse example inputs (a torch.save archive) whose pickle names anything but tensors and containers."""
     with zf.open(info) as f, _zip(f, "model", limits, f"member {info.filename!r} is not a torch.save archive") as inner:
-        budget = _Budget("model", limits)
         for member in inner.infolist():
             rel = member.filename.partition("/")[2]
             where = f"{info.filename}:{member.filename}"

@@ -23,14 +23,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 from safetensors.torch import save
+from torch import nn
 
 from services.datasets import mnist5k
 from services.errors import InputError
 from services.method.config import LadderConfig
 from services.method.models import ModelSpec, build_classifier, build_net, net_weights
-from services.uploads import PARTS, DataInfo, Limits, check_data, check_model, check_part, parse_config, parse_spec
+from services.uploads import (
+    PARTS,
+    DataInfo,
+    Limits,
+    check_data,
+    check_model,
+    check_part,
+    parse_config,
+    parse_spec,
+)
 
 MiB = 1 << 20
 SPEC = {"architecture": "lenet", "num_classes": 10, "input_shape": [1, 28, 28], "mean": [0.1307], "std": [0.3081]}
@@ -83,7 +92,7 @@ def validate_parts(parts: Parts, tmp: Path, limits: Limits) -> Validated:
     paths = {}
     for name in ("model", "train_data", "test_data"):
         if name in parts:
-            paths[name] = folder / name  # stored under the part's name, as the API does: the file name is the client's
+            paths[name] = folder / name  # a name of ours: the client's file name only tells the format
             paths[name].write_bytes(parts[name][1])
     fmt = check_model(paths["model"], parts["model"][0], spec, limits)
     data = {w: check_data(paths[w], parts[w][0], spec, limits, w) for w in ("train_data", "test_data") if w in parts}
@@ -186,9 +195,9 @@ def rezip(data: bytes, replace: dict[str, bytes | None] | None = None, add: dict
     return out.getvalue()
 
 
-def _zip(members: dict[str, bytes], deflate: bool = False) -> bytes:
+def _zip(members: dict[str, bytes]) -> bytes:
     out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as z:
+    with zipfile.ZipFile(out, "w") as z:
         for name, content in members.items():
             z.writestr(name, content)
     return out.getvalue()
@@ -201,27 +210,25 @@ def png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def image_zip(per_class: int = 30, skip: int = 0, root: str = "digits") -> dict[str, bytes]:
-    """An image-folder tree of digits: root/<class>/<n>.png, plus the junk macOS adds."""
-    x, y = pick(per_class, skip)
-    members = {f"{root}/{c}/{i:04d}.png": png(img[0]) for i, (img, c) in enumerate(zip(x, y))}
-    return {**members, "__MACOSX/digits/0/._0000.png": b"\x00\x05\x16\x07", f"{root}/.DS_Store": b"junk"}
+def image_zip() -> dict[str, bytes]:
+    """The 30 training digits per class as an image-folder tree, digits/<class>/<n>.png, plus the junk macOS adds."""
+    x, y = pick(30)
+    members = {f"digits/{c}/{i:04d}.png": png(img[0]) for i, (img, c) in enumerate(zip(x, y))}
+    return {**members, "__MACOSX/digits/0/._0000.png": b"\x00\x05\x16\x07", "digits/.DS_Store": b"junk"}
 
 
-def _zip_of_zeros(name: str, npy_shape: tuple[int, ...], y: np.ndarray) -> bytes:
-    """An .npz whose x is uint8 zeros of `npy_shape`, written as a stream and deflated (tiny on disk)."""
+def _deflated_zeros(shape: tuple[int, ...]) -> bytes:
+    """An .npz whose x holds uint8 zeros of `shape` (written as a stream and deflated: tiny on disk) and y nothing."""
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
-        with z.open(f"{name}.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": npy_shape})
-            left = int(np.prod(npy_shape))
+        with z.open("x.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            left = int(np.prod(shape))
             block = bytes(4 * MiB)
             while left:
                 f.write(block[:min(left, len(block))])
                 left -= min(left, len(block))
-        buf = io.BytesIO()
-        np.save(buf, y)
-        z.writestr("y.npy", buf.getvalue())
+        z.writestr("y.npy", _npy(np.zeros(0, np.int64)))
     return out.getvalue()
 
 
@@ -318,10 +325,12 @@ def corpus(tmp: Path) -> list[BadUpload]:
          model=model(save({**w, "conv1.weight": w["conv1.weight"].to(torch.complex64)})))
     case("int weight", 422, "fc2.weight is stored as int32",
          model=model(save({**w, "fc2.weight": w["fc2.weight"].to(torch.int32)})))
-    case("missing key", 422, "missing 1 tensors (e.g. fc2.bias)", model=model(save({k: v for k, v in w.items() if k != "fc2.bias"})))
+    case("missing key", 422, "missing 1 tensors (e.g. fc2.bias)",
+         model=model(save({k: v for k, v in w.items() if k != "fc2.bias"})))
     case("extra key", 422, "1 unexpected tensors", model=model(save({**w, "fc3.weight": torch.zeros(2)})))
     case("wrong shape", 422, "fc2.weight has shape [5, 500]", model=model(save({**w, "fc2.weight": torch.zeros(5, 500)})))
-    case("spec and weights disagree", 422, "fc2.bias has shape [10] but the spec's architecture needs [5]", model_spec=spec({**SPEC, "num_classes": 5}))
+    case("spec and weights disagree", 422, "fc2.bias has shape [10] but the spec's architecture needs [5]",
+         model_spec=spec({**SPEC, "num_classes": 5}))
     nan, inf = w["fc1.weight"].clone(), w["conv2.bias"].clone()
     nan[3, 7], inf[2] = float("nan"), float("inf")
     case("nan weights", 422, "fc1.weight contains nan or inf", model=model(save({**w, "fc1.weight": nan})))
@@ -365,32 +374,38 @@ def corpus(tmp: Path) -> list[BadUpload]:
     case("data before the zip", 422, "data before its zip archive", train_data=train(b"MZ" * 64 + good["train_data"][1]))
     case("encrypted npz", 422, "is encrypted", train_data=train(_encrypted(good["train_data"][1])))
     case("zip bomb", 413, "decompresses to more than 64 mib",
-         train_data=train(_zip_of_zeros("x", (102_000, 1, 28, 28), y[:0])))
+         train_data=train(_deflated_zeros((102_000, 1, 28, 28))))
     case("compression ratio", 413, "beyond the compression ratio limit of 200×",
-         train_data=train(_zip_of_zeros("x", (30_000, 1, 28, 28), y[:0])))
+         train_data=train(_deflated_zeros((30_000, 1, 28, 28))))
     case("too many members", 413, "holds 1001 files; the limit is 1000",
          train_data=train(_zip({f"{i}.txt": b"" for i in range(1001)}), "train.zip"))
 
     # data: image-folder zips
     tree = image_zip()
-    case("zip slip", 422, "unsafe path", train_data=train(_zip({**tree, "digits/0/../../../evil.png": tree["digits/0/0000.png"]}), "t.zip"))
+    case("zip slip", 422, "unsafe path",
+         train_data=train(_zip({**tree, "digits/0/../../../evil.png": tree["digits/0/0000.png"]}), "t.zip"))
     case("absolute path", 422, "unsafe path", train_data=train(_zip({**tree, "/etc/cron.d/x.png": b""}), "t.zip"))
     case("symlink member", 422, "is a symbolic link", train_data=train(_symlinked(tree), "t.zip"))
     case("wrong number of class folders", 422, "has 9 class folders",
          train_data=train(_zip({k: v for k, v in tree.items() if not k.startswith("digits/9/")}), "t.zip"))
     case("image of the wrong size", 422, "is 32×32 pixels but the model takes 28×28",
          train_data=train(_zip({**tree, "digits/0/0000.png": png(np.zeros((32, 32), np.uint8))}), "t.zip"))
-    case("not an image", 422, "'digits/3/notes.txt' is not an image", train_data=train(_zip({**tree, "digits/3/notes.txt": b"hi"}), "t.zip"))
-    case("broken image", 422, "is not a readable image", train_data=train(_zip({**tree, "digits/5/0000.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 50}), "t.zip"))
+    case("not an image", 422, "'digits/3/notes.txt' is not an image",
+         train_data=train(_zip({**tree, "digits/3/notes.txt": b"hi"}), "t.zip"))
+    case("broken image", 422, "is not a readable image",
+         train_data=train(_zip({**tree, "digits/5/0000.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 50}), "t.zip"))
 
     # model: .pt2 (custom architectures)
     case("pt2 with a zoo architecture", 422, "architecture must be 'custom'", model=model(exported(), "net.pt2"))
     case("custom with safetensors", 422, "needs the network itself", model_spec=spec(CUSTOM_SPEC))
     case("pt2 planted pickle", 422, "calls posix.system", **pt2(_sample_inputs(pickle.dumps(_Planted(), protocol=2))))
-    case("pt2 planted pickle, protocol 5", 422, "opcode(s) frame, memoize, short_binunicode", **pt2(_sample_inputs(pickle.dumps(_Planted(), protocol=5))))
-    case("pt2 aotinductor", 422, "aotinductor-compiled code", **pt2(rezip(exported(), add={"data/aotinductor/model/model.wrapper.cpp": b"//"})))
+    case("pt2 planted pickle, protocol 5", 422, "opcode(s) frame, memoize, short_binunicode",
+         **pt2(_sample_inputs(pickle.dumps(_Planted(), protocol=5))))
+    case("pt2 aotinductor", 422, "aotinductor-compiled code",
+         **pt2(rezip(exported(), add={"data/aotinductor/model/model.wrapper.cpp": b"//"})))
     case("pt2 native library", 422, "is a native library", **pt2(rezip(exported(), add={"data/libpayload.so": b"\x7fELF"})))
-    case("pt2 opaque object", 422, "custom or opaque object", **pt2(rezip(exported(), add={"data/constants/opaque_obj_0": b"\x80\x04."})))
+    case("pt2 opaque object", 422, "custom or opaque object",
+         **pt2(rezip(exported(), add={"data/constants/opaque_obj_0": b"\x80\x04."})))
     case("pt2 pickled weight", 422, "is stored pickled", **pt2(_payload_pickled()))
     case("pt2 graph calls python", 422, "'torch.serialization.os.system', which is not a pytorch operator",
          **pt2(_program(lambda p: _first_node(p).update(target="torch.serialization.os.system"))))

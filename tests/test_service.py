@@ -1,7 +1,6 @@
 """The service end to end: real PostgreSQL (migrated by Alembic), real Redis, `ladder serve` and
 real `celery` worker processes, all over HTTP."""
 
-import json
 import uuid
 
 import httpx
@@ -16,6 +15,7 @@ from services.method.finetune import accuracy
 from services.method.models import build_classifier, net_weights
 
 from . import harness
+from .bad_uploads import LIMITS, PWNED_MARKER, corpus
 from .conftest import LENET_SPEC, quick_config
 
 pytestmark = pytest.mark.slow
@@ -43,6 +43,8 @@ def env(database, tmp_path_factory):
         "LADDER_HEARTBEAT_S": "0.5", "LADDER_STALE_AFTER_S": "4", "LADDER_RECONCILE_EVERY_S": "1",
         "LADDER_PROGRESS_EVERY_S": "0.2", "LADDER_API_KEY_CACHE_S": "0",
         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        **{f"LADDER_MAX_{k.upper()}": str(getattr(LIMITS, k)) for k in  # the corpus's small caps
+           ("model_bytes", "data_bytes", "json_bytes", "unzipped_bytes", "zip_ratio", "zip_members")},
     }
 
 
@@ -229,3 +231,22 @@ def test_health_readiness_metrics_and_openapi(server):
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/model",
             "/v1/jobs/{job_id}/report"} <= set(spec["paths"])
     assert httpx.get(f"{server.url}/docs").status_code == 200
+
+
+def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(server, keys, env, database, tmp_path):
+    jobs_before = _rows(database, "SELECT count(*) FROM jobs")[0][0]
+    files_before = _store_files(env)
+    cases = corpus(tmp_path)
+    assert len(cases) >= 20
+    for case in cases:
+        r = httpx.post(f"{server.url}/v1/harden", files=case.parts, headers=_auth(keys["acme"]), timeout=120)
+        assert r.status_code == case.status, (case.name, r.status_code, r.text)
+        assert r.headers["content-type"] == "application/problem+json", case.name
+        problem = r.json()
+        assert problem["status"] == case.status and case.fragment in problem["detail"].lower(), (case.name, problem)
+        assert "Traceback" not in r.text
+    assert _rows(database, "SELECT count(*) FROM jobs")[0][0] == jobs_before  # no job row left behind
+    assert _store_files(env) == files_before  # no artifact left behind
+    assert not PWNED_MARKER.exists()  # the planted pickle never ran
+    r = httpx.post(f"{server.url}/v1/harden", json={"model": "x"}, headers=_auth(keys["acme"]))
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]

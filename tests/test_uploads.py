@@ -15,11 +15,39 @@ import torch
 
 from services.errors import InputError
 from services.method.finetune import fit
-from services.method.models import ModelSpec, build_classifier, load_net_weights, net_weights, prepare
-from services.uploads import DataInfo, check_data, check_model, check_part, load_data, load_model, parse_config
+from services.method.models import (
+    ModelSpec,
+    build_classifier,
+    load_net_weights,
+    net_weights,
+    prepare,
+)
+from services.uploads import (
+    DataInfo,
+    Limits,
+    check_data,
+    check_model,
+    check_part,
+    load_data,
+    load_model,
+    parse_config,
+)
 from tests.bad_uploads import (
-    CUSTOM_SPEC, LIMITS, PWNED_MARKER, SPEC, corpus, custom_parts, exported, good_parts, image_zip, npz, pick, rezip,
-    validate_parts, weights,
+    CUSTOM_SPEC,
+    LIMITS,
+    PWNED_MARKER,
+    SPEC,
+    corpus,
+    custom_parts,
+    exported,
+    good_parts,
+    image_zip,
+    npz,
+    pick,
+    png,
+    rezip,
+    validate_parts,
+    weights,
 )
 
 
@@ -56,7 +84,8 @@ def test_planted_code_is_refused_on_the_worker_side_too_and_never_runs(cases, tm
         if case.name.startswith(("pt2 planted pickle", "pt2 size expression", "pt2 graph calls")):
             path = tmp_path / "model"
             path.write_bytes(case.parts["model"][1])
-            with pytest.raises(InputError, match="pickle that calls posix.system|pickle with opcode|size expression|not a PyTorch operator"):
+            refusal = "pickle that calls posix.system|pickle with opcode|size expression|not a PyTorch operator"
+            with pytest.raises(InputError, match=refusal):
                 load_model(path, "pt2", spec)
     assert not PWNED_MARKER.exists()
 
@@ -97,6 +126,20 @@ def test_other_data_layouts_give_the_same_tensors(layout, tmp_path):
     data = load_data(path, fmt, spec, "train_data")
     torch.testing.assert_close(data.x, torch.from_numpy(x).float() / 255)
     assert torch.equal(data.y, torch.from_numpy(y))
+
+
+def test_an_image_folder_zip_of_colour_and_grey_images_gives_rgb(tmp_path):
+    spec = ModelSpec(architecture="resnet18", num_classes=2, input_shape=(3, 8, 8), mean=[0.5], std=[0.25])
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    images[5] = images[5, :, :, :1]  # stored as a greyscale PNG below: read back with three equal channels
+    path = tmp_path / "train_data"
+    with zipfile.ZipFile(path, "w") as z:
+        for i, img in enumerate(images):
+            z.writestr(f"{'cat' if i < 3 else 'dog'}/{i}.png", png(img[:, :, 0] if i == 5 else img))
+    assert check_data(path, "pets.zip", spec, LIMITS, "train_data") == DataInfo("zip", 6, [3, 3])
+    data = load_data(path, "zip", spec, "train_data")
+    torch.testing.assert_close(data.x, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    assert data.y.tolist() == [0, 0, 0, 1, 1, 1]
 
 
 def test_a_custom_network_is_checked_in_a_child_loaded_split_and_trained(tmp_path):
@@ -143,6 +186,15 @@ def test_allowed_pickle_globals_are_a_subset_of_what_weights_only_loading_allows
 
     assert _PICKLE_GLOBALS <= set(_get_allowed_globals())
     assert "posix.system" not in _PICKLE_GLOBALS and "builtins.eval" not in _PICKLE_GLOBALS
+
+
+def test_limits_come_from_the_settings():
+    from services.settings import Settings
+
+    s = Settings(max_model_bytes=5, max_zip_ratio=7, pt2_load_timeout_s=9)
+    limits = Limits.from_settings(s)
+    assert (limits.model_bytes, limits.zip_ratio, limits.pt2_timeout_s) == (5, 7, 9)
+    assert limits.unzipped_bytes == s.max_unzipped_bytes and limits.pt2_memory_bytes == s.pt2_load_memory_bytes
 
 
 def test_part_headers():

@@ -25,7 +25,7 @@ from services.method.evaluate import evaluate, surrogate_architecture
 from services.method.finetune import accuracy, fit
 from services.method.generator import fidelity, resolve_preset, train_generator
 from services.method.latents import extract_latents
-from services.method.models import Classifier, ModelSpec, build_classifier, net_weights, prepare
+from services.method.models import Classifier, ModelSpec, build_classifier, load_net_weights, net_weights, prepare
 from services.method.perturb import calibrate, directions, generate, random_targets
 from services.method.progress import Progress, silent
 
@@ -200,7 +200,9 @@ class Run:
         """vanilla, control, ladder and the variants, built from the finetune stage's weights."""
         models = {"vanilla": self.model}
         for name, state in self.output("finetune")["weights"].items():
-            models[name] = build_classifier(self.spec, state)
+            models[name] = copy.deepcopy(self.model)  # any architecture, custom (.pt2) ones included
+            load_net_weights(models[name], state)
+            models[name].eval()
         return models
 
     def _evaluate(self, z: Tensor, boundary: Any, gfit: Any, adv: dict, tuned: dict) -> dict:
