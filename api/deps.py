@@ -24,11 +24,11 @@ async def get_context(request: Request) -> Context:
 ContextDep = Annotated[Context, Depends(get_context)]
 
 
-async def in_session(ctx: Context, fn: Callable[[Session], T]) -> T:
-    """Run `fn` with a session in the threadpool (one hop per request); committed before it returns."""
+async def in_session(ctx: Context, fn: Callable[[Session], T], *, write: bool = False) -> T:
+    """Run `fn` with a session in the threadpool (one hop per request); a writing one commits before it returns."""
 
     def run() -> T:
-        with ctx.db.session() as session:
+        with ctx.db.session() if write else ctx.db.reading() as session:
             return fn(session)
 
     return await run_in_threadpool(run)

@@ -214,9 +214,10 @@ async def list_jobs(ctx: ContextDep, tenant: TenantDep, limit: Annotated[int, Qu
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=PROBLEMS)
-async def get_job(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep) -> JobOut:
+async def get_job(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep) -> Response:
     """A job's status, stage, progress, timings and error."""
-    return await in_session(ctx, lambda s: JobOut.of(_job(s, tenant, job_id)))
+    body = await in_session(ctx, lambda s: JobOut.of(_job(s, tenant, job_id)).model_dump_json())
+    return Response(body, media_type="application/json")  # serialised once: this is the route clients poll
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, responses=PROBLEMS)
@@ -226,7 +227,7 @@ async def cancel_job(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep) -> J
         _job(session, tenant, job_id)
         return JobOut.of(service.request_cancel(session, repository.get(session, job_id, lock=True), ctx.store))
 
-    return await in_session(ctx, cancel)  # committed, and its artifacts deleted, before the answer goes out
+    return await in_session(ctx, cancel, write=True)  # committed, and its artifacts deleted, before the answer goes out
 
 
 def _finished(job: Any, what: str) -> None:

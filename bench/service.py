@@ -3,11 +3,13 @@ artifact store.
 
 Runs `ladder serve` against a fresh PostgreSQL database and Redis (as deployed, without a
 worker), then:
-- polls: `wrk` with 100 connections on GET /v1/jobs/{id}. Paced: each client polls once per
-  interval (wrk's delay hook; latency is measured per request, without the pause); the first
-  interval (1 s, as `ladder submit` polls; the API's Retry-After says 5 s) gives the headline
-  numbers. Also a saturated run (no pause): the most the API serves, and its latency when
-  overloaded;
+- polls: 100 clients on GET /v1/jobs/{id}, each on its own keep-alive connection. Paced: each
+  client starts at a random moment and then polls once per interval on average (pauses drawn
+  uniformly from ±50 %, so the clients are independent, as real pollers are); latency is taken
+  per request, from sending it to reading the whole answer, by a small asyncio client (so it
+  includes the client's own scheduling delay). The first interval (1 s, as `ladder submit`
+  polls; the API's Retry-After says 5 s) gives the headline numbers. Also `wrk` with 100
+  connections and no pause: the most the API serves, and its latency when overloaded;
 - upload: POST /v1/harden with a ~1 GB train_data .npz (uint8 digits), sampling the API's resident
   memory (RSS) every 20 ms; the growth over its idle RSS is what the upload cost.
 
@@ -17,9 +19,11 @@ Needs PostgreSQL and Redis running (scripts/services) and wrk (apt-get install w
 """
 
 import argparse
+import asyncio
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import subprocess
@@ -43,11 +47,48 @@ from tests import harness  # noqa: E402
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def wrk(url: str, key: str, seconds: int, connections: int, delay_ms: int | None) -> dict:
-    """Run wrk; its request rate and latency percentiles (ms)."""
+async def _client(host: str, port: int, request: bytes, interval: float, until: float, rng: random.Random,
+                  latencies: list[float], statuses: list[int]) -> None:
+    """One poller on one keep-alive connection: random start, then jittered pauses."""
+    reader, writer = await asyncio.open_connection(host, port)
+    await asyncio.sleep(rng.uniform(0, interval))
+    while time.perf_counter() < until:
+        started = time.perf_counter()
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        await reader.readexactly(length)
+        latencies.append((time.perf_counter() - started) * 1e3)
+        statuses.append(int(head.split(b" ", 2)[1]))
+        await asyncio.sleep(rng.uniform(0.5 * interval, 1.5 * interval))
+    writer.close()
+
+
+def paced(url: str, key: str, seconds: int, clients: int, interval_ms: int, seed: int = 0) -> dict:
+    """`clients` independent pollers, each once per interval on average; rate and latency percentiles (ms)."""
+    u = httpx.URL(url)
+    request = (f"GET {u.raw_path.decode()} HTTP/1.1\r\nHost: {u.host}\r\nAuthorization: Bearer {key}\r\n\r\n").encode()
+    latencies: list[float] = []
+    statuses: list[int] = []
+    rng = random.Random(seed)
+
+    async def run() -> None:
+        until = time.perf_counter() + seconds
+        await asyncio.gather(*(_client(u.host, u.port, request, interval_ms / 1e3, until, rng, latencies, statuses)
+                               for _ in range(clients)))
+
+    started = time.perf_counter()
+    asyncio.run(run())
+    elapsed = time.perf_counter() - started
+    q = [float(v) for v in np.percentile(latencies, [50, 75, 90, 99])]
+    return {"requests_per_second": len(latencies) / elapsed, "p50_ms": q[0], "p75_ms": q[1], "p90_ms": q[2], "p99_ms": q[3],
+            "max_ms": max(latencies), "requests": len(latencies), "non_2xx": sum(s >= 300 for s in statuses),
+            "clients": clients, "seconds": seconds, "interval_ms": interval_ms}
+
+
+def wrk(url: str, key: str, seconds: int, connections: int) -> dict:
+    """Run wrk with no pause (saturation); its request rate and latency percentiles (ms)."""
     script = f'wrk.headers["Authorization"] = "Bearer {key}"\n'
-    if delay_ms:
-        script += f"function delay() return {delay_ms} end\n"
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", f.name, url],
@@ -61,7 +102,7 @@ def wrk(url: str, key: str, seconds: int, connections: int, delay_ms: int | None
         "p50_ms": pct[50], "p75_ms": pct[75], "p90_ms": pct[90], "p99_ms": pct[99],
         "requests": int(re.search(r"(\d+) requests in", out).group(1)),
         "non_2xx": int(non2xx.group(1)) if non2xx else 0, "socket_errors": errors.group(1) if errors else None,
-        "connections": connections, "seconds": seconds, "delay_ms": delay_ms,
+        "connections": connections, "seconds": seconds,
     }
 
 
@@ -114,9 +155,10 @@ class PeakRSS(threading.Thread):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=int, default=20)
-    p.add_argument("--connections", type=int, default=100)
+    p.add_argument("--connections", type=int, default=100, help="concurrent clients")
     p.add_argument("--intervals-ms", type=int, nargs="+", default=[1000, 250], help="pauses of each client between its polls")
     p.add_argument("--upload-gb", type=float, default=1.0)
+    p.add_argument("--api-workers", type=int, default=1, help="uvicorn processes of the API (ladder serve --workers)")
     p.add_argument("--out", default=str(ROOT / "bench/results/service.json"))
     args = p.parse_args()
     if shutil.which("wrk") is None:
@@ -133,15 +175,16 @@ def main() -> None:
     try:
         files = inputs(work, int(args.upload_gb * 1e9))
         small = dict(files, train=files["small"])
-        server = harness.Server(env, work / "api.log")
+        server = harness.Server(env, work / "api.log", args.api_workers)
         key = harness.create_key(env, "bench")
         r, _ = submit(server.url, key, small)
         r.raise_for_status()
         job_url = f"{server.url}/v1/jobs/{r.json()['id']}"
-        wrk(job_url, key, 3, args.connections, None)  # warm up
-        paced = [wrk(job_url, key, args.seconds, args.connections, ms) for ms in args.intervals_ms]
-        saturated = wrk(job_url, key, args.seconds, args.connections, None)
-        print(f"polls, paced: {paced}\npolls, saturated: {saturated}", flush=True)
+        paced(job_url, key, 3, args.connections, args.intervals_ms[0])  # warm up: connections, caches
+        polls = [paced(job_url, key, args.seconds, args.connections, ms) for ms in args.intervals_ms]
+        saturated = wrk(job_url, key, args.seconds, args.connections)  # last: its backlog outlives it
+        print(f"polls, paced: {polls}\npolls, saturated: {saturated}", flush=True)
+        time.sleep(5)
 
         sampler = PeakRSS(server.p.pid)
         idle = sampler.rss()
@@ -164,9 +207,10 @@ def main() -> None:
     result = {
         "command": " ".join([".venv/bin/python", "bench/service.py", *sys.argv[1:]]),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "poll_p50_ms": paced[0]["p50_ms"], "poll_p99_ms": paced[0]["p99_ms"],
-        "poll_requests_per_second": paced[0]["requests_per_second"], "poll_interval_ms": args.intervals_ms[0],
-        "polls_paced": paced, "polls_saturated": saturated,
+        "api_workers": args.api_workers,
+        "poll_p50_ms": polls[0]["p50_ms"], "poll_p99_ms": polls[0]["p99_ms"],
+        "poll_requests_per_second": polls[0]["requests_per_second"], "poll_interval_ms": args.intervals_ms[0],
+        "polls_paced": polls, "polls_saturated": saturated,
         "upload_peak_rss_growth_mb": upload["peak_rss_growth_mb"], "upload": upload,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -237,7 +237,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         key = _local_key(settings, db)
         if key:
             console.print(f"local API key: {key}  (also in {settings.data_dir / 'local-api-key'})")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level, access_log=args.log_level == "debug")
+    common = {"host": host, "port": port, "log_level": args.log_level, "access_log": args.log_level == "debug"}
+    if args.workers > 1:
+        if settings.embedded:
+            raise InputError("--workers > 1 needs LADDER_BROKER_URL and a PostgreSQL LADDER_DATABASE_URL: the embedded worker lives in one process")
+        uvicorn.run("api.app:create_app", factory=True, workers=args.workers, **common)  # each process reads the same settings
+    else:
+        uvicorn.run(create_app(settings), **common)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -311,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="run the HTTP API (embedded by default: SQLite and an in-process worker)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--workers", type=int, default=1, help="API processes (not with the embedded default)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(run=cmd_serve)
     w = sub.add_parser("worker", help="run a Celery worker (needs LADDER_BROKER_URL and LADDER_DATABASE_URL)")

@@ -48,7 +48,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=40, max_overflow=0)  # as many as the threadpool has threads
 
 
 def after_commit(session: Session, fn: Callable[[], None]) -> None:
@@ -74,6 +74,14 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # reads need no transaction: autocommit spares the BEGIN and COMMIT round trips of every poll
+        self.readers = sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for reads only, outside any transaction."""
+        with self.readers() as session:
+            yield session
 
     @contextmanager
     def session(self) -> Iterator[Session]:

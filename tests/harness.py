@@ -85,10 +85,10 @@ class Proc:
 class Server(Proc):
     """`ladder serve` on a free port."""
 
-    def __init__(self, env: dict[str, str], log: Path):
+    def __init__(self, env: dict[str, str], log: Path, workers: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__(["serve", "--port", str(self.port), "--log-level", "warning"], env, log)
+        super().__init__(["serve", "--port", str(self.port), "--workers", str(workers), "--log-level", "warning"], env, log)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.p.poll() is not None:

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import and_, delete, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from services.jobs.models import Artifact, Job, JobStage
 
@@ -18,8 +18,8 @@ def get(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> Job | Non
 
 
 def get_for_tenant(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job | None:
-    """The job if it belongs to the tenant."""
-    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    """The job, with its stages in the same round trip, if it belongs to the tenant."""
+    return session.scalar(select(Job).options(joinedload(Job.stages)).where(Job.id == job_id, Job.tenant_id == tenant_id))
 
 
 def by_idempotency_key(session: Session, tenant_id: uuid.UUID, key: str) -> Job | None:
