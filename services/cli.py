@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"ladder: error: {e}", file=sys.stderr)
         return 2
+    except ValidationError as e:  # the LADDER_* settings (a config file's errors are InputErrors)
+        print(f"ladder: error: {one_line(e, 'settings')}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -38,6 +38,12 @@ class Client:
             raise ClientError(f"{r.request.method} {r.request.url.path}: {r.status_code} {_detail(r)}")
         return r
 
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            return self._check(self.http.request(method, path, **kwargs))
+        except httpx.HTTPError as e:
+            raise ClientError(f"cannot reach {self.http.base_url}: {e}; is the server running?") from e
+
     def submit(self, model: Path, spec: Path, train: Path, test: Path | None = None, config: Path | None = None,
                idempotency_key: str | None = None) -> dict:
         """Upload a job (files are streamed); the job resource."""
@@ -52,15 +58,15 @@ class Client:
                     raise InputError(f"{name} {path} not found")
                 files[name] = (path.name, stack.enter_context(open(path, "rb")), types.get(name, "application/octet-stream"))
             headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-            return self._check(self.http.post("/v1/harden", files=files, headers=headers, timeout=None)).json()
+            return self._send("POST", "/v1/harden", files=files, headers=headers, timeout=None).json()
 
     def job(self, job_id: str) -> dict:
         """The job resource."""
-        return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
+        return self._send("GET", f"/v1/jobs/{job_id}").json()
 
     def cancel(self, job_id: str) -> dict:
         """Ask the server to cancel the job."""
-        return self._check(self.http.post(f"/v1/jobs/{job_id}/cancel")).json()
+        return self._send("POST", f"/v1/jobs/{job_id}/cancel").json()
 
     def wait(self, job_id: str, every: float = 1.0, console: Console | None = None) -> dict:
         """Poll until the job ends, showing a bar per stage; the final job resource."""
@@ -68,9 +74,18 @@ class Client:
         bars = Progress(TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
         tasks = {s: bars.add_task(s, total=1.0, info="", start=False, visible=False) for s in STAGES}
+        failures = 0
         with bars:
             while True:
-                job = self.job(job_id)
+                try:
+                    job = self.job(job_id)
+                    failures = 0
+                except ClientError:
+                    failures += 1  # a restarting server or a blip: the job goes on without us
+                    if failures > 10:
+                        raise
+                    time.sleep(every)
+                    continue
                 p = job["progress"]
                 for row in job["stages"]:
                     if row["status"] == "pending" and row["stage"] != p["stage"]:
@@ -92,19 +107,23 @@ class Client:
         model = out / "hardened.safetensors"
         tmp = model.with_suffix(".part")
         h = hashlib.sha256()
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/model") as r:
-            if r.status_code >= 400:
-                r.read()
-                self._check(r)
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_bytes(1 << 20):
-                    h.update(chunk)
-                    f.write(chunk)
-            etag = r.headers.get("etag", "").strip('"')
+        try:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/model") as r:
+                if r.status_code >= 400:
+                    r.read()
+                    self._check(r)
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_bytes(1 << 20):
+                        h.update(chunk)
+                        f.write(chunk)
+                etag = r.headers.get("etag", "").strip('"')
+        except httpx.HTTPError as e:
+            tmp.unlink(missing_ok=True)
+            raise ClientError(f"the download of the model broke off ({e}); run the command again") from e
         if etag != h.hexdigest():
             tmp.unlink()
             raise ClientError(f"the downloaded model's SHA-256 {h.hexdigest()} does not match its ETag {etag}; download again")
         tmp.replace(model)
         report = out / "report.json"
-        report.write_text(json.dumps(self._check(self.http.get(f"/v1/jobs/{job_id}/report")).json(), indent=2) + "\n")
+        report.write_text(json.dumps(self._send("GET", f"/v1/jobs/{job_id}/report").json(), indent=2) + "\n")
         return model, report

@@ -1,6 +1,7 @@
 """The database: one engine per process, sessions that commit or roll back in one place, and work
 that must run only after a commit (enqueueing a job never races its own row)."""
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -10,6 +11,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
+log = logging.getLogger(__name__)
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 
@@ -35,7 +37,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 10) -> Engine:
     """An engine for PostgreSQL or SQLite (WAL, foreign keys on, usable from worker threads)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -48,7 +50,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=40, max_overflow=0)  # as many as the threadpool has threads
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0)
 
 
 def after_commit(session: Session, fn: Callable[[], None]) -> None:
@@ -59,7 +61,10 @@ def after_commit(session: Session, fn: Callable[[], None]) -> None:
 @event.listens_for(Session, "after_commit")
 def _run_after_commit(session: Session) -> None:
     for fn in session.info.pop("after_commit", []):
-        fn()
+        try:
+            fn()
+        except Exception:  # the commit stands; what failed here (an enqueue, a delete) the reconciler redoes
+            log.exception("after-commit action failed")
 
 
 @event.listens_for(Session, "after_soft_rollback")
@@ -70,9 +75,9 @@ def _drop_after_commit(session: Session, _previous) -> None:
 class Database:
     """An engine and its session factory."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, pool_size: int = 10):
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, pool_size)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # reads need no transaction: autocommit spares the BEGIN and COMMIT round trips of every poll
         self.readers = sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(None, description="for S3-compatible stores (MinIO, …)")
     s3_region: str = "us-east-1"
 
+    db_pool_size: int = Field(40, description="database connections per process (the API's threadpool has 40 threads)")
+
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -57,6 +59,8 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if self.environment == "production" and (not self.database_url or self.database_url.startswith("sqlite")):
             raise ValueError("production needs LADDER_DATABASE_URL pointing at PostgreSQL")
+        if self.broker_url and (not self.database_url or self.database_url.startswith("sqlite")):
+            raise ValueError("with LADDER_BROKER_URL set, API and workers share jobs through LADDER_DATABASE_URL: point it at PostgreSQL")
         return self
 
     @property

@@ -71,7 +71,6 @@ def test_local_store(tmp_path):
     _exercise(store, tmp_path)
     with pytest.raises(ValueError, match="leaves the store"):
         store.put("../outside", tmp_path / "src.bin")
-    assert not list((tmp_path / "store").rglob("*.tmp"))
 
 
 def test_s3_store_against_a_local_s3_server(tmp_path, monkeypatch):

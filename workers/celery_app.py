@@ -48,16 +48,14 @@ def task_name(stage: str) -> str:
 
 
 def _stage_task(stage: str):
-    @app.task(name=task_name(stage), bind=True, max_retries=None)
-    def run(self, job_id: str) -> str:
-        from services.jobs.service import Claim
+    @app.task(name=task_name(stage))
+    def run(job_id: str) -> str:
         from workers.context import celery_context
         from workers.runner import run_stage
 
-        outcome = run_stage(celery_context(), uuid.UUID(job_id), stage)
-        if outcome is Claim.BUSY:  # another worker's heartbeat is fresh: look again once it could be stale
-            raise self.retry(countdown=celery_context().settings.stale_after_s)
-        return outcome.value
+        # BUSY (another worker's heartbeat is fresh) is dropped too: if that worker dies, the
+        # reconciler enqueues the stage again once its heartbeat is stale
+        return run_stage(celery_context(), uuid.UUID(job_id), stage).value
 
     run.__doc__ = f"Run the {stage} stage of a job."
     return run

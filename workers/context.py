@@ -25,7 +25,7 @@ class Context:
 def build(settings: Settings, dispatcher: Dispatcher | None = None) -> Context:
     """A context for these settings."""
     store = open_store(settings.artifacts, settings.s3_endpoint_url, settings.s3_region)
-    return Context(settings, Database(settings.database), store, dispatcher)
+    return Context(settings, Database(settings.database, settings.db_pool_size), store, dispatcher)
 
 
 @lru_cache

@@ -6,7 +6,6 @@ import queue
 import threading
 import uuid
 
-from services.jobs.service import Claim
 from workers.context import Context
 from workers.runner import run_stage
 
@@ -33,7 +32,6 @@ class EmbeddedWorker(threading.Thread):
     def run(self) -> None:
         while (item := self.queue.get()) is not None:
             try:
-                if run_stage(self.ctx, *item) is Claim.BUSY:
-                    threading.Timer(self.ctx.settings.stale_after_s, self.enqueue, item).start()
+                run_stage(self.ctx, *item)
             except Exception:
                 log.exception("embedded worker: %s of job %s", item[1], item[0])

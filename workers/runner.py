@@ -70,9 +70,13 @@ class ArtifactStages:
         if stage != self.stage:
             raise RuntimeError(f"stage {stage} would be computed while running {self.stage}")
         path = self.tmp / f"{stage}.safetensors"
-        checkpoints.save(value, path)
         key = stage_key(self.job_id, self.digest, stage)
-        self.saved[stage] = (key, *self.store.put(key, path))
+        if self.store.exists(key):  # a worker that took this stage over wrote it first: its copy stands
+            self.store.fetch(key, path)
+        else:
+            checkpoints.save(value, path)
+            self.store.put(key, path)
+        self.saved[stage] = (key, *file_digest(path))
 
 
 class Reporter:

@@ -12,8 +12,8 @@ from services.jobs.models import Artifact, Job, JobStage
 def get(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> Job | None:
     """The job, locked for update when asked (PostgreSQL; SQLite serialises writers anyway)."""
     stmt = select(Job).where(Job.id == job_id)
-    if lock:
-        stmt = stmt.with_for_update()
+    if lock:  # and refresh a copy this session already holds: the decision must see the locked row
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
     return session.scalar(stmt)
 
 

@@ -7,6 +7,7 @@ the stage is already done, the job has ended, or another worker with a live hear
 """
 
 import logging
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -59,6 +60,17 @@ class NewJob:
     config: dict[str, Any]
     inputs: dict[str, Any]
     artifacts: dict[str, tuple[str, str, int]]  # name → (key, sha256, size)
+
+
+def finite(value: Any) -> Any:
+    """The value with NaN and ±Inf replaced by None (JSON, and PostgreSQL's JSONB, have no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def create(session: Session, new: NewJob, dispatcher: Dispatcher) -> tuple[Job, bool]:
@@ -116,11 +128,11 @@ def claim(session: Session, job_id: uuid.UUID, stage: str, worker: str, stale_af
         log.warning("job %s: message for %s while at %s; dropped", job_id, stage, job.stage)
         return Claim.SKIP
     now = utcnow()
+    if job.worker not in (None, worker) and job.heartbeat_at and now - job.heartbeat_at < timedelta(seconds=stale_after_s):
+        return Claim.BUSY  # before the cancel check: a live holder ends a canceled job itself
     if job.cancel_requested:
         _end(session, job, "canceled", store)
         return Claim.SKIP
-    if job.worker not in (None, worker) and job.heartbeat_at and now - job.heartbeat_at < timedelta(seconds=stale_after_s):
-        return Claim.BUSY
     row = repository.stage_row(job, stage)
     if job.attempt >= max_attempts:
         fail(session, job, "worker_lost",
@@ -155,7 +167,7 @@ def record_progress(session: Session, job_id: uuid.UUID, stage: str, worker: str
     job.stage_fraction, job.fraction, job.heartbeat_at = stage_fraction, fraction, now
     job.eta_seconds = elapsed / fraction * (1 - fraction) if fraction > 0.02 else None
     if metrics:
-        job.metrics = {k: float(v) for k, v in metrics.items()}
+        job.metrics = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}  # JSON has no NaN
     return job.cancel_requested
 
 
@@ -182,7 +194,7 @@ def complete_stage(session: Session, job_id: uuid.UUID, stage: str, worker: str,
     row.computed += int(computed)
     job.worker, job.heartbeat_at, job.attempt = None, None, 0
     if stage == STAGES[-1]:
-        job.status, job.report, job.finished_at = "succeeded", report, now
+        job.status, job.report, job.finished_at = "succeeded", finite(report), now
         job.fraction, job.stage_fraction, job.eta_seconds = 1.0, 1.0, 0.0
         repository.drop_artifacts(session, job_id, prefix="stage.")
         stages = f"jobs/{job_id}/stages"
