@@ -6,6 +6,7 @@ import uuid
 import httpx
 import numpy as np
 import pytest
+import redis
 import torch
 from safetensors.torch import load, save_file
 from sqlalchemy import create_engine, text
@@ -40,7 +41,7 @@ def env(database, tmp_path_factory):
         "LADDER_DATABASE_URL": database, "LADDER_BROKER_URL": harness.REDIS_URL,
         "LADDER_QUEUE": f"ladder-test-{uuid.uuid4().hex[:8]}", "LADDER_ARTIFACTS_URL": store.as_uri(),
         "LADDER_DATA_DIR": str(tmp_path_factory.mktemp("data")),
-        "LADDER_HEARTBEAT_S": "0.5", "LADDER_STALE_AFTER_S": "4", "LADDER_RECONCILE_EVERY_S": "1",
+        "LADDER_HEARTBEAT_S": "0.5", "LADDER_STALE_AFTER_S": "4", "LADDER_RECONCILE_EVERY_S": "1", "LADDER_REQUEUE_AFTER_S": "5",
         "LADDER_PROGRESS_EVERY_S": "0.2", "LADDER_API_KEY_CACHE_S": "0",
         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
         **{f"LADDER_MAX_{k.upper()}": str(getattr(LIMITS, k)) for k in  # the corpus's small caps
@@ -173,6 +174,19 @@ def test_a_worker_killed_mid_stage_is_replaced_and_the_job_resumes_there(server,
     assert sorted(names) == ["input.model", "input.test_data", "input.train_data", "model", "model.control"]
     files = [p for p in _store_files(env) if job_id in p.as_posix()]
     assert len(files) == 5 and not [p for p in files if p.suffix == ".tmp"]
+
+
+def test_a_job_whose_message_the_broker_lost_is_enqueued_again(server, keys, inputs, env, tmp_path):
+    job_id = _submit(server, keys["acme"], inputs, _config()).json()["id"]
+    assert redis.Redis.from_url(harness.REDIS_URL).delete(env["LADDER_QUEUE"]) == 1  # Redis loses the queued message
+    w = harness.worker(env, tmp_path / "worker.log")
+    try:
+        done = harness.wait_for(f"{server.url}/v1/jobs/{job_id}", keys["acme"],
+                                lambda j: j["status"] in ("succeeded", "failed", "canceled"), timeout=400)
+        assert done["status"] == "succeeded", (done, w.tail())
+    finally:
+        w.stop()
+    assert f"job {job_id} enqueued again at latents" in server.tail(200_000)
 
 
 def test_cancel_queued_and_running(server, keys, inputs, env, database, tmp_path):
