@@ -65,7 +65,7 @@ class Metrics:
     def collect(self):
         """Jobs per status, straight from the database."""
         gauge = GaugeMetricFamily("ladder_jobs", "jobs by status", labels=["status"])
-        with self.ctx.db.session() as s:
+        with self.ctx.db.reading() as s:
             for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status)):
                 gauge.add_metric([status], n)
         yield gauge
@@ -119,16 +119,6 @@ class Reconciler(threading.Thread):
                 log.exception("reconciler pass failed")
 
 
-def _broker_ok(ctx: Context) -> bool:
-    if ctx.settings.embedded:
-        worker = getattr(ctx, "embedded_worker", None)
-        return worker is not None and worker.is_alive()
-    try:
-        return bool(redis.Redis.from_url(ctx.settings.broker_url, socket_timeout=1, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API for these settings (default: from the environment)."""
     settings = settings or get_settings()
@@ -136,24 +126,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.embedded:
         from workers.embedded import EmbeddedWorker
 
-        ctx.embedded_worker = EmbeddedWorker(ctx)
+        embedded = EmbeddedWorker(ctx)  # also the context's dispatcher
+
+        def broker_ok() -> bool:
+            return embedded.is_alive()
     else:
         from workers.celery_app import CeleryDispatcher, app as celery
 
         ctx.dispatcher = CeleryDispatcher(celery)
+        broker = redis.Redis.from_url(settings.broker_url, socket_timeout=1, socket_connect_timeout=1)
+
+        def broker_ok() -> bool:
+            try:
+                return bool(broker.ping())
+            except redis.RedisError:
+                return False
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         reconciler = Reconciler(ctx)
         if settings.embedded:
-            ctx.embedded_worker.start()
+            embedded.start()
             with ctx.db.session() as s:  # nothing else can be running this database's jobs: resume them now
                 service.reconcile(s, 0, 0, ctx.dispatcher)
         reconciler.start()
         yield
         reconciler.done.set()
         if settings.embedded:
-            ctx.embedded_worker.stop()
+            embedded.stop()
 
     app = FastAPI(
         title="ladder", version=services.__version__, lifespan=lifespan,
@@ -178,12 +178,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The database and the broker (or the embedded worker) are reachable."""
         checks = {}
         try:
-            with ctx.db.session() as s:
+            with ctx.db.reading() as s:
                 s.execute(text("SELECT 1"))
             checks["database"] = "ok"
         except Exception as e:
             checks["database"] = f"unreachable ({type(e).__name__})"
-        checks["broker" if not settings.embedded else "worker"] = "ok" if _broker_ok(ctx) else "unreachable"
+        checks["broker" if not settings.embedded else "worker"] = "ok" if broker_ok() else "unreachable"
         if any(v != "ok" for v in checks.values()):
             return problem(503, "not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok"))
         return {"status": "ok", **checks}

@@ -33,6 +33,7 @@ async def in_session(ctx: Context, fn: Callable[[Session], T], *, write: bool = 
 
     return await run_in_threadpool(run)
 
+
 _keys: dict[str, tuple[uuid.UUID, float]] = {}  # key digest → (tenant, until): spares a query per poll
 
 

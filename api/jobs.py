@@ -2,8 +2,8 @@
 
 import base64
 import hashlib
+import io
 import json
-import shutil
 import tempfile
 import uuid
 from datetime import datetime
@@ -45,12 +45,13 @@ HARDEN_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     }}}}}}
 
 
-def _too_large(name: str, size: int, cap: int) -> str:
-    return f"part {name!r} is larger than the {cap:,}-byte limit ({size:,} bytes); send a smaller file"
+def _too_large(name: str, size: int | None, cap: int) -> str:
+    given = f" ({size:,} bytes)" if size is not None else ""
+    return f"part {name!r} is larger than the {cap:,}-byte limit{given}; send a smaller file"
 
 
-def _receive(form: FormData, tmp: Path, limits: Limits) -> tuple[dict[str, Path], dict[str, str | None]]:
-    """Copy every part to `tmp`, checking names, types and size caps as the bytes are copied."""
+def _receive(form: FormData, tmp: Path, limits: Limits) -> tuple[dict[str, Path], dict[str, str | None], dict[str, str]]:
+    """Copy every part to `tmp`, hashing it and checking names, types and size caps as the bytes are copied."""
     names = list(form.keys())
     for name in names:
         if name not in PARTS:
@@ -60,47 +61,39 @@ def _receive(form: FormData, tmp: Path, limits: Limits) -> tuple[dict[str, Path]
     missing = [n for n, rule in PARTS.items() if rule.required and n not in names]
     if missing:
         raise Problem(422, f"missing part(s) {', '.join(missing)}; a job needs model, model_spec and train_data")
-    paths, filenames = {}, {}
+    paths, filenames, shas = {}, {}, {}
     for name in names:
         value, cap = form[name], getattr(limits, PARTS[name].cap)
-        path = tmp / name
         if isinstance(value, UploadFile):
             check_part(name, value.filename, value.content_type)
             if value.size is not None and value.size > cap:
                 raise Problem(413, _too_large(name, value.size, cap))
             value.file.seek(0)
-            with open(path, "wb") as out:
-                shutil.copyfileobj(value.file, out, CHUNK)
-            filenames[name] = value.filename
+            source, filenames[name] = value.file, value.filename
         else:
             if name not in ("model_spec", "config"):
                 raise Problem(422, f"part {name!r} must be a file upload (curl: -F {name}=@FILE)")
-            data = value.encode()
-            if len(data) > cap:
-                raise Problem(413, _too_large(name, len(data), cap))
-            path.write_bytes(data)
-            filenames[name] = None
-        if path.stat().st_size > cap:
-            raise Problem(413, _too_large(name, path.stat().st_size, cap))
-        paths[name] = path
-    return paths, filenames
+            source, filenames[name] = io.BytesIO(value.encode()), None
+        h, size = hashlib.sha256(), 0
+        paths[name] = tmp / name
+        with open(paths[name], "wb") as out:
+            while chunk := source.read(CHUNK):
+                size += len(chunk)
+                if size > cap:  # a part whose size was not announced
+                    raise Problem(413, _too_large(name, None, cap))
+                h.update(chunk)
+                out.write(chunk)
+        shas[name] = h.hexdigest()
+    return paths, filenames, shas
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _submit(ctx: Context, tenant: uuid.UUID, key: str | None, paths: dict[str, Path], filenames: dict[str, str | None]):
+def _submit(ctx: Context, tenant: uuid.UUID, key: str | None, paths: dict[str, Path], filenames: dict[str, str | None],
+            shas: dict[str, str]):
     """Validate the parts, store them and create the job; (job, created). Nothing stays behind on failure."""
     limits = Limits.from_settings(ctx.settings)
-    shas = {name: _sha(path) for name, path in paths.items()}
     request_digest = hashlib.sha256(json.dumps(sorted(shas.items())).encode()).hexdigest()
     if key is not None:
-        with ctx.db.session() as s:
+        with ctx.db.reading() as s:
             earlier = repository.by_idempotency_key(s, tenant, key)
             if earlier is not None:
                 return service.replay(earlier, request_digest), False
@@ -170,10 +163,10 @@ async def harden(
         except MultiPartException as e:
             raise Problem(422, f"the multipart body cannot be read ({e.message}); send parts {', '.join(PARTS)}") from e
         try:
-            paths, filenames = await run_in_threadpool(_receive, form, Path(tmp), limits)
+            paths, filenames, shas = await run_in_threadpool(_receive, form, Path(tmp), limits)
         finally:
             await form.close()
-        job, created = await run_in_threadpool(_submit, ctx, tenant, idempotency_key, paths, filenames)
+        job, created = await run_in_threadpool(_submit, ctx, tenant, idempotency_key, paths, filenames, shas)
     response.headers.update(_location(job))
     if not created:
         response.headers["Idempotent-Replayed"] = "true"

@@ -229,6 +229,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from services.settings import get_settings
 
     settings = get_settings()
+    if args.workers > 1 and settings.embedded:
+        raise InputError("--workers > 1 needs LADDER_BROKER_URL and a PostgreSQL LADDER_DATABASE_URL: the embedded worker lives in one process")
     db = _migrated_database(settings)
     host, port = args.host or settings.host, args.port or settings.port
     mode = "embedded (SQLite, local artifacts, in-process worker)" if settings.embedded else "with Celery workers"
@@ -237,10 +239,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         key = _local_key(settings, db)
         if key:
             console.print(f"local API key: {key}  (also in {settings.data_dir / 'local-api-key'})")
+    db.engine.dispose()  # the app opens its own
     common = {"host": host, "port": port, "log_level": args.log_level, "access_log": args.log_level == "debug"}
     if args.workers > 1:
-        if settings.embedded:
-            raise InputError("--workers > 1 needs LADDER_BROKER_URL and a PostgreSQL LADDER_DATABASE_URL: the embedded worker lives in one process")
         uvicorn.run("api.app:create_app", factory=True, workers=args.workers, **common)  # each process reads the same settings
     else:
         uvicorn.run(create_app(settings), **common)

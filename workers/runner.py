@@ -37,6 +37,15 @@ def stage_key(job_id: uuid.UUID, inputs_digest: str, stage: str) -> str:
     return f"jobs/{job_id}/stages/{inputs_digest[:16]}/{stage}.safetensors"
 
 
+def fetch_checked(store: ArtifactStore, key: str, path: Path, expected: str | None, what: str) -> tuple[str, int]:
+    """Fetch an artifact to `path`; its (sha256, size), refused if it differs from the `expected` recorded SHA-256."""
+    store.fetch(key, path)
+    sha, size = file_digest(path)
+    if expected is not None and sha != expected:
+        raise RuntimeError(f"{what} does not match its recorded SHA-256")
+    return sha, size
+
+
 class ArtifactStages:
     """A StageStore over the artifact store. Earlier stages must exist (and match their recorded
     SHA-256); the current stage's output may exist already if a worker died after writing it."""
@@ -56,10 +65,8 @@ class ArtifactStages:
                 raise RuntimeError(f"the output of stage {stage} is missing from the artifact store")
             return None
         path = self.tmp / f"{stage}.safetensors"
-        self.store.fetch(key, path)
-        sha, size = file_digest(path)
-        if earlier and self.recorded.get(f"stage.{stage}") != sha:
-            raise RuntimeError(f"the output of stage {stage} does not match its recorded SHA-256")
+        expected = self.recorded.get(f"stage.{stage}", "") if earlier else None  # an earlier stage must have been recorded
+        sha, size = fetch_checked(self.store, key, path, expected, f"the output of stage {stage}")
         if stage == self.stage:
             self.found_current = True
             self.saved[stage] = (key, sha, size)
@@ -72,11 +79,10 @@ class ArtifactStages:
         path = self.tmp / f"{stage}.safetensors"
         key = stage_key(self.job_id, self.digest, stage)
         if self.store.exists(key):  # a worker that took this stage over wrote it first: its copy stands
-            self.store.fetch(key, path)
+            self.saved[stage] = (key, *fetch_checked(self.store, key, path, None, f"the output of stage {stage}"))
         else:
             checkpoints.save(value, path)
-            self.store.put(key, path)
-        self.saved[stage] = (key, *file_digest(path))
+            self.saved[stage] = (key, *self.store.put(key, path))
 
 
 class Reporter:
@@ -122,11 +128,8 @@ def _inputs(ctx: Context, job: Any, arts: dict[str, Any], tmp: Path) -> tuple[An
     for part in ("model", "train_data", "test_data"):
         art = arts.get(f"input.{part}")
         if art is not None:
-            path = tmp / Path(art.key).name
-            ctx.store.fetch(art.key, path)
-            if file_digest(path)[0] != art.sha256:
-                raise RuntimeError(f"the uploaded {part} does not match its recorded SHA-256")
-            loaded[part] = path
+            loaded[part] = tmp / Path(art.key).name
+            fetch_checked(ctx.store, art.key, loaded[part], art.sha256, f"the uploaded {part}")
     fmt = job.inputs
     model = load_model(loaded["model"], fmt["model"]["format"], spec)
     train = load_data(loaded["train_data"], fmt["train_data"]["format"], spec, "train_data")

@@ -29,6 +29,11 @@ STAGE_WEIGHTS = {"latents": 0.02, "boundary": 0.08, "generator": 0.30, "adversar
                  "finetune": 0.30, "evaluate": 0.24, "report": 0.01}
 
 
+def _done_before(stage: str) -> float:
+    """The share of a typical job done when `stage` starts."""
+    return sum(STAGE_WEIGHTS[s] for s in STAGES[:STAGES.index(stage)])
+
+
 class Dispatcher(Protocol):
     """Sends a stage of a job to a worker (Celery, or the embedded in-process worker)."""
 
@@ -161,8 +166,7 @@ def record_progress(session: Session, job_id: uuid.UUID, stage: str, worker: str
     if not holds(job, stage, worker):
         return True
     now = utcnow()
-    done = sum(STAGE_WEIGHTS[s] for s in STAGES[:STAGES.index(stage)])
-    fraction = min(1.0, done + STAGE_WEIGHTS[stage] * stage_fraction)
+    fraction = min(1.0, _done_before(stage) + STAGE_WEIGHTS[stage] * stage_fraction)
     elapsed = (now - job.started_at).total_seconds() if job.started_at else 0.0
     job.stage_fraction, job.fraction, job.heartbeat_at = stage_fraction, fraction, now
     job.eta_seconds = elapsed / fraction * (1 - fraction) if fraction > 0.02 else None
@@ -202,7 +206,7 @@ def complete_stage(session: Session, job_id: uuid.UUID, stage: str, worker: str,
         return True
     job.stage = STAGES[STAGES.index(stage) + 1]
     job.stage_fraction, job.enqueued_at = 0.0, now
-    job.fraction = sum(STAGE_WEIGHTS[s] for s in STAGES[:STAGES.index(job.stage)])
+    job.fraction = _done_before(job.stage)
     after_commit(session, lambda: dispatcher.enqueue(job_id, job.stage))
     return True
 
