@@ -110,6 +110,6 @@ def test_latents_and_attacks_restore_each_layers_own_mode():
         model.train(training)
         running = model.net.features[0][1].running_mean.clone()
         extract_latents(split, x)
-        fgsm(model, x, torch.zeros(16, dtype=torch.long), AttackConfig(eps=0.1), torch.Generator())
+        fgsm(model, x, torch.zeros(16, dtype=torch.long), None, AttackConfig(eps=0.1), torch.Generator())
         assert all(m.training == training for m in model.modules())
         assert torch.equal(running, model.net.features[0][1].running_mean)  # eval mode: BN statistics untouched

@@ -75,19 +75,59 @@ class FinetuneConfig(_Section):
 
 
 class AttackConfig(_Section):
-    """L∞ attacks in [0,1] pixel space."""
+    """L∞ attacks (FGSM, PGD) in [0,1] pixel space."""
 
     eps: float = Field(0.3, gt=0, le=1, description="paper: 0.3 on MNIST")
     pgd_steps: int = Field(40, ge=1, description="Madry et al. (MNIST): 40")
     pgd_step_size: float | None = Field(None, gt=0, description="None = 2.5·eps/steps (Madry et al.)")
     pgd_random_start: bool = True
+    pgd_early_stop: bool = Field(True, description="a point stops at its first misclassified iterate (kept); "
+                                                   "false = every point takes every step")
+
+
+class CWConfig(_Section):
+    """CW-L2 (Carlini & Wagner, 2017): Adam on tanh-space pixels, a binary search over the constant c."""
+
+    targeted: bool = Field(True, description="the paper's setting; False = untargeted")
+    targets: Literal["random", "all"] = Field("random", description="targeted: one random target per point, or all")
+    binary_search_steps: int = Field(6, ge=1, description="searches over c (never 1: that is CW without a search)")
+    max_iter: int = Field(100, ge=1, description="Adam steps per value of c")
+    lr: float = Field(0.05, gt=0, description="Adam learning rate in tanh space")
+    initial_const: float = Field(0.1, gt=0, description="first c; ×10 until success, then bisection")
+    confidence: float = Field(0.0, ge=0, description="κ: the logit margin the example must reach")
+    max_samples: int | None = Field(100, ge=1, description="evaluated points attacked (a prefix of them); None = all")
+
+
+class JSMAConfig(_Section):
+    """JSMA (Papernot et al., 2016), targeted, through ART's SaliencyMapMethod."""
+
+    theta: float = Field(1.0, description="change applied to each chosen pixel (ART: theta)")
+    gamma: float = Field(0.1, gt=0, le=1, description="largest fraction of pixels changed")
+    targets: Literal["random", "all"] = "random"
+    max_samples: int | None = Field(100, ge=1, description="points attacked; ART's JSMA is slow on CPU")
+
+
+class AutoAttackConfig(_Section):
+    """AutoAttack (Croce & Hein, 2020) through the authors' package, L∞ at the attack ε."""
+
+    version: Literal["standard", "plus", "rand"] = "standard"
+    max_samples: int | None = Field(200, ge=1, description="points attacked (a prefix of them); None = all")
+    batch_size: int = Field(250, ge=1)
+
+
+AttackName = Literal["fgsm", "pgd", "cw", "jsma", "autoattack", "ladder"]
+ATTACK_NAMES: tuple[str, ...] = ("fgsm", "pgd", "cw", "jsma", "autoattack", "ladder")
 
 
 class EvaluateConfig(_Section):
-    """Stage 6: clean, white-box and black-box transfer accuracy of every model."""
+    """Stage 6: clean, white-box and black-box transfer accuracy of every model under every attack."""
 
-    attacks: list[Literal["fgsm", "pgd"]] = ["fgsm", "pgd"]
+    attacks: list[AttackName] = Field(list(ATTACK_NAMES), description="ladder: the vanilla model's own generator and boundary")
+    settings: list[Literal["whitebox", "blackbox"]] = ["whitebox", "blackbox"]
     attack: AttackConfig = AttackConfig()
+    cw: CWConfig = CWConfig()
+    jsma: JSMAConfig = JSMAConfig()
+    autoattack: AutoAttackConfig = AutoAttackConfig()
     max_samples: int | None = Field(1000, ge=1, description="test points evaluated (stratified); None = all")
     batch_size: int = Field(500, ge=1)
     surrogate_architecture: str = Field("auto", description="black-box model; auto = smallcnn (lenet for a smallcnn)")
@@ -104,18 +144,42 @@ class EvaluateConfig(_Section):
             raise ValueError(f"unknown architecture {v!r}; use auto, a zoo net or a torchvision builder name")
         return v
 
+    @field_validator("attacks", "settings")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("must be a non-empty list without repeats")
+        return v
+
+
+class BaselinesConfig(_Section):
+    """The pixel-space defences compared on request, fine-tuned like LADDER (same epochs, lr, batch, data)."""
+
+    eps: float = Field(0.3, gt=0, le=1, description="training ε (L∞)")
+    pgd_steps: int = Field(10, ge=1, description="PGD steps per training batch (PGD-AT and TRADES' inner maximisation)")
+    pgd_step_size: float | None = Field(None, gt=0, description="None = 2.5·eps/steps")
+    fgsm_alpha: float = Field(0.5, ge=0, lt=1, description="FGSM-AT: weight of the clean loss (Goodfellow et al.: 0.5)")
+    trades_beta: float = Field(6.0, gt=0, description="TRADES: weight of the KL term (Zhang et al.: 6)")
+
+
+Variant = Literal["ladder_random", "ladder_cavrandom", "fgsm_at", "pgd_at", "trades", "trades_ladder"]
+LADDER_VARIANTS = ("ladder_random", "ladder_cavrandom")
+# the attack each model was trained on: its column is left out of the model's average rank (as in the paper)
+TRAINED_ON: dict[str, str] = {"fgsm_at": "fgsm", "pgd_at": "pgd", "ladder": "ladder", "trades_ladder": "ladder"}
+
 
 class LadderConfig(_Section):
     """Everything a hardening run depends on. Defaults follow the paper unless method.md decides otherwise."""
 
     seed: int = Field(0, ge=0)
     latent_layer: str | None = Field(None, description="overrides the spec's latent_layer")
-    variants: list[Literal["ladder_random", "ladder_cavrandom"]] = []
+    variants: list[Variant] = Field([], description="models trained besides vanilla, control and ladder")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified hold-out when no test data is given")
     boundary: BoundaryConfig = BoundaryConfig()
     generator: GeneratorConfig = GeneratorConfig()
     perturb: PerturbConfig = PerturbConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
