@@ -55,7 +55,9 @@ def quick_config(**overrides) -> LadderConfig:
         "generator": {"max_epochs": 3, "time_budget_s": 20},
         "perturb": {"samples_per_class": 40, "calibration_samples": 400},
         "finetune": {"epochs": 1},
-        "evaluate": {"max_samples": 200, "attack": {"pgd_steps": 5}, "surrogate_epochs": 1},
+        "evaluate": {"max_samples": 200, "attack": {"pgd_steps": 5}, "surrogate_epochs": 1,
+                     "cw": {"max_samples": 20, "binary_search_steps": 2, "max_iter": 10},
+                     "jsma": {"max_samples": 10}, "autoattack": {"max_samples": 20}},
     }
     for k, v in overrides.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v

@@ -25,20 +25,35 @@ def run(lenet):
 def test_report_has_every_model_attack_and_setting(run):
     result, _, _ = run
     report = result.report
+    assert report["schema"] == "ladder.report/2"
     assert set(report["models"]) == {"vanilla", "control", "ladder", "ladder_random"}
+    caps = {"fgsm": 200, "pgd": 200, "cw": 20, "jsma": 10, "autoattack": 20, "ladder": 200 * len(report["calibration"]["table"])}
     for m in report["models"].values():
         assert 0 <= m["clean_accuracy"] <= 1
         for setting in ("whitebox", "blackbox"):
-            for attack in ("fgsm", "pgd"):
+            attacks = ["fgsm", "pgd", "cw", "jsma", "autoattack"] + (["ladder"] if setting == "whitebox" else [])
+            assert list(m["attacks"][setting]) == attacks
+            for attack in attacks:
                 entry = m["attacks"][setting][attack]
-                assert 0 <= entry["accuracy"] <= 1 and entry["n"] == 200 and entry["params"]["eps"] == 0.3
-    assert report["models"]["vanilla"]["attacks"]["whitebox"]["pgd"]["accuracy"] < report["models"]["vanilla"]["clean_accuracy"]
+                assert 0 <= entry["accuracy"] <= 1 and entry["n"] == caps[attack], (setting, attack, entry)
+            worst = m["worst_case"][setting]
+            assert worst["n"] == 10 and worst["accuracy"] <= m["attacks"][setting]["jsma"]["accuracy"]  # jsma: those 10
+    vanilla = report["models"]["vanilla"]
+    assert vanilla["attacks"]["whitebox"]["pgd"]["accuracy"] < vanilla["clean_accuracy"]
+    assert vanilla["attacks"]["whitebox"]["pgd"]["params"]["eps"] == 0.3
+    assert vanilla["attacks"]["blackbox"]["pgd"]["params"]["crafted_on"] == "surrogate"
+    assert report["models"]["ladder"]["trained_on"] == "ladder" and vanilla["trained_on"] is None
+    assert set(report["average_rank"]) == {"whitebox", "blackbox"}
+    assert all(1 <= r <= 4 for ranks in report["average_rank"].values() for r in ranks.values())
+    aa = report["evaluation"]["autoattack"]
+    assert aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"] and aa["version"] == report["versions"]["autoattack"]
     assert set(report["stage_seconds"]) == set(STAGES)
     assert report["config"]["finetune"]["alpha"] == 0.5 and report["seeds"]["run"] == 0
     assert report["versions"]["torch"] == torch.__version__
     assert report["generator"]["reconstruction_mse"] < report["generator"]["mean_image_mse"]
     assert len(report["calibration"]["table"]) == 5
     assert 0.5 <= report["surrogate"]["clean_accuracy"] <= 1 and report["surrogate"]["architecture"] == "smallcnn"
+    assert result.html.startswith("<!DOCTYPE html>") and "ladder_random" in result.html
 
 
 def test_progress_reaches_every_stage_and_stays_in_range(run):

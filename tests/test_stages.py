@@ -5,7 +5,7 @@ import torch
 
 from services.method.attacks import craft, fgsm, pgd
 from services.method.boundary import fit_boundary
-from services.method.config import AttackConfig, BoundaryConfig, GeneratorConfig
+from services.method.config import EvaluateConfig, AttackConfig, BoundaryConfig, GeneratorConfig
 from services.method.finetune import accuracy, fit
 from services.method.generator import fidelity, train_generator
 from services.method.perturb import calibrate, directions, generate, random_targets
@@ -125,7 +125,7 @@ def test_attacks_respect_eps_and_range_and_restore_mode(lenet, attack):
     cfg = AttackConfig(eps=0.1, pgd_steps=5)
     before = {k: v.clone() for k, v in lenet.model.state_dict().items()}
     lenet.model.train()
-    adv = attack(lenet.model, x, y, cfg, torch.Generator().manual_seed(0))
+    adv = attack(lenet.model, x, y, None, cfg, torch.Generator().manual_seed(0))
     assert lenet.model.training
     lenet.model.eval()
     assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
@@ -135,10 +135,10 @@ def test_attacks_respect_eps_and_range_and_restore_mode(lenet, attack):
 
 def test_pgd_is_at_least_as_strong_as_fgsm_and_seeded(lenet):
     x, y = lenet.test.x[::5], lenet.test.y[::5]
-    cfg = AttackConfig(eps=0.2, pgd_steps=10)
-    a = craft("pgd", lenet.model, x, y, cfg, seed=3)
-    assert torch.equal(a, craft("pgd", lenet.model, x, y, cfg, seed=3))
-    assert accuracy(lenet.model, a, y) <= accuracy(lenet.model, craft("fgsm", lenet.model, x, y, cfg, seed=3), y)
+    cfg = EvaluateConfig(attack=AttackConfig(eps=0.2, pgd_steps=10))
+    a = craft("pgd", lenet.model, x, y, cfg, 3, 10).x
+    assert torch.equal(a, craft("pgd", lenet.model, x, y, cfg, 3, 10).x)
+    assert accuracy(lenet.model, a, y) <= accuracy(lenet.model, craft("fgsm", lenet.model, x, y, cfg, 3, 10).x, y)
 
 
 def test_fit_with_alpha_one_ignores_extra_and_is_seeded(lenet):

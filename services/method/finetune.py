@@ -19,6 +19,11 @@ from services.method.progress import Progress, silent
 Craft = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
+def kl_divergence(logits_clean: Tensor, logits_adv: Tensor) -> Tensor:
+    """KL(p_clean ‖ p_adv) per batch (TRADES' robust term, summed over classes, mean over the batch)."""
+    return F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_clean, 1), reduction="batchmean")
+
+
 def fit(
     model: nn.Module,
     x: Tensor,
@@ -32,10 +37,16 @@ def fit(
     alpha: float = 1.0,
     extra: tuple[Tensor, Tensor] | None = None,
     craft: Craft | None = None,
+    trades: tuple[float, Craft] | None = None,
     stage: str = "finetune",
     progress: Progress = silent,
 ) -> list[float]:
-    """Train `model` in place with SGD for `epochs` passes over (x, y); returns the mean loss per epoch."""
+    """Train `model` in place with SGD for `epochs` passes over (x, y); returns the mean loss per epoch.
+
+    The loss is α·L(x, y) + (1 − α)·CE(f(x̂), y), x̂ from `extra` (a generated set) or `craft` (made per
+    batch). L is CE, or with `trades = (β, craft)` TRADES' CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' crafted
+    per batch. α = 0 drops the clean term (PGD-AT as in Madry et al.).
+    """
     if alpha < 1 and (extra is None) == (craft is None):
         raise ValueError("alpha < 1 needs exactly one source of extra examples: `extra` or `craft`")
     gen = torch.Generator().manual_seed(seed)
@@ -52,6 +63,9 @@ def fit(
         for i in range(steps):
             idx = order[i * batch_size : (i + 1) * batch_size]
             xb, yb = x[idx].to(device), y[idx].to(device)
+            parts = [xb] if alpha > 0 else []
+            if alpha > 0 and trades is not None:
+                parts.append(trades[1](model, xb, yb))
             if alpha < 1:
                 if craft is not None:
                     xa, ya = craft(model, xb, yb), yb
@@ -61,12 +75,16 @@ def fit(
                     j = extra_order[extra_at : extra_at + len(idx)]
                     extra_at += len(idx)
                     xa, ya = extra[0][j].to(device), extra[1][j].to(device)
-                logits = model(torch.cat([xb, xa]))
-                loss = alpha * F.cross_entropy(logits[: len(xb)], yb) + (1 - alpha) * F.cross_entropy(
-                    logits[len(xb) :], ya
-                )
-            else:
-                loss = F.cross_entropy(model(xb), yb)
+                parts.append(xa)
+            logits = model(torch.cat(parts)).split([len(p) for p in parts])
+            loss = logits[0].new_zeros(())
+            if alpha > 0:
+                clean = F.cross_entropy(logits[0], yb)
+                if trades is not None:
+                    clean = clean + trades[0] * kl_divergence(logits[0], logits[1])
+                loss = loss + alpha * clean
+            if alpha < 1:
+                loss = loss + (1 - alpha) * F.cross_entropy(logits[-1], ya)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

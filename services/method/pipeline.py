@@ -6,6 +6,7 @@ seed from the run's seed, so a resumed run gives the same numbers as an uninterr
 """
 
 import copy
+import importlib.metadata
 import platform
 import time
 from dataclasses import dataclass
@@ -20,17 +21,20 @@ import services
 from services.datasets import ImageData, require_every_class, stratified_split
 from services.errors import InputError
 from services.method.boundary import fit_boundary
-from services.method.config import LadderConfig
-from services.method.evaluate import evaluate, surrogate_architecture
+from services.method.attacks import autoattack_info, training_attack
+from services.method.config import LADDER_VARIANTS, LadderConfig
+from services.method.evaluate import Examples, evaluate, surrogate_architecture
 from services.method.finetune import accuracy, fit
 from services.method.generator import fidelity, resolve_preset, train_generator
 from services.method.latents import extract_latents
+from services.method.rank import report_ranks
 from services.method.models import Classifier, ModelSpec, build_classifier, load_net_weights, net_weights, prepare
 from services.method.perturb import calibrate, directions, generate, random_targets
 from services.method.progress import Progress, silent
 
 STAGES = ("latents", "boundary", "generator", "adversarial", "finetune", "evaluate")
-STAGE_SCHEMA = 1  # bump when a stage's stored output changes shape, so old stored stages are not reused
+REPORT_SCHEMA = "ladder.report/2"  # docs/report.md
+STAGE_SCHEMA = 2  # bump when a stage's stored output changes shape, so old stored stages are not reused
 VARIANT_DIRECTIONS = {"ladder": "boundary", "ladder_random": "random", "ladder_cavrandom": "cav_random"}
 
 
@@ -59,10 +63,11 @@ class MemoryStore:
 
 @dataclass
 class HardenResult:
-    """Every trained model (vanilla, control, ladder and variants) and the report."""
+    """Every trained model (vanilla, control, ladder and variants), the report and its HTML page."""
 
     models: dict[str, Classifier]
     report: dict
+    html: str
 
 
 def stage_seed(seed: int, stage: str) -> int:
@@ -75,6 +80,8 @@ def versions() -> dict[str, str]:
     return {
         "ladder": services.__version__, "python": platform.python_version(), "torch": torch.__version__,
         "torchvision": torchvision.__version__, "numpy": np.__version__,
+        "art": importlib.metadata.version("adversarial-robustness-toolbox"),
+        "autoattack": importlib.metadata.version("pyautoattack"),
     }
 
 
@@ -108,12 +115,14 @@ def split_inputs(train: ImageData, test: ImageData | None, cfg: LadderConfig, nu
     return train, test
 
 
-def evaluation_subset(test: ImageData, cfg: LadderConfig) -> ImageData:
-    """The test points evaluated: all, or a stratified `max_samples` of them."""
+def evaluation_points(test: ImageData, cfg: LadderConfig) -> ImageData:
+    """The test points evaluated (all, or a stratified `max_samples`), shuffled so that every prefix
+    (the subset of an attack with a cap) mixes the classes."""
     n = cfg.evaluate.max_samples
-    if n is None or len(test) <= n:
-        return test
-    return stratified_split(test, n / len(test), stage_seed(cfg.seed, "evaluate"))[1]
+    seed = stage_seed(cfg.seed, "evaluate")
+    if n is not None and len(test) > n:
+        test = stratified_split(test, n / len(test), seed)[1]
+    return test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(seed)))
 
 
 class Run:
@@ -166,7 +175,7 @@ class Run:
         zs, ys = z[src], y[src]
         targets = random_targets(ys, self.spec.num_classes, gen)
         steps = {name: directions(boundary, zs, ys, targets, VARIANT_DIRECTIONS[name], gen, cfg.perturb.cav_noise)
-                 for name in ["ladder", *cfg.variants]}
+                 for name in ["ladder", *(v for v in cfg.variants if v in LADDER_VARIANTS)]}
         cal_n = min(len(zs), cfg.perturb.calibration_samples)
         head = self.split.head
         cal = calibrate(head, zs[:cal_n], steps["ladder"][:cal_n], targets[:cal_n], cfg.perturb.crossing_quantiles, cfg.perturb.eps)
@@ -179,17 +188,35 @@ class Run:
                                              cfg.perturb.batch_size, progress)
         return out
 
+    def _trainings(self, adv: dict) -> dict[str, dict]:
+        """How each compared model is fine-tuned: `fit` arguments beyond the shared data and budget."""
+        f, b = self.cfg.finetune, self.cfg.baselines
+        ladder = (adv["examples"]["ladder"].x, adv["examples"]["ladder"].y)
+        runs = {"control": {"alpha": 1.0}, "ladder": {"alpha": f.alpha, "extra": ladder}}
+        for name in self.cfg.variants:
+            if name in LADDER_VARIANTS:
+                ex = adv["examples"][name]
+                runs[name] = {"alpha": f.alpha, "extra": (ex.x, ex.y)}
+            elif name == "fgsm_at":
+                runs[name] = {"alpha": b.fgsm_alpha, "craft": training_attack(name, b)}
+            elif name == "pgd_at":
+                runs[name] = {"alpha": 0.0, "craft": training_attack(name, b)}
+            elif name == "trades":
+                runs[name] = {"alpha": 1.0, "trades": (b.trades_beta, training_attack("trades", b))}
+            elif name == "trades_ladder":
+                runs[name] = {"alpha": f.alpha, "extra": ladder, "trades": (b.trades_beta, training_attack("trades", b))}
+        return runs
+
     def _finetune(self, z: Tensor, boundary: Any, gfit: Any, adv: dict) -> dict:
         f, train = self.cfg.finetune, self.train
         weights, history, seconds = {}, {}, {}
-        runs = {"control": None, **adv["examples"]}
-        for i, (name, ex) in enumerate(runs.items()):
+        runs = self._trainings(adv)
+        for i, (name, how) in enumerate(runs.items()):
             started = time.perf_counter()
             m = copy.deepcopy(self.model)
             history[name] = fit(
                 m, train.x, train.y, epochs=f.epochs, lr=f.lr, momentum=f.momentum, batch_size=f.batch_size,
-                seed=stage_seed(self.cfg.seed, "finetune"), alpha=1.0 if ex is None else f.alpha,
-                extra=None if ex is None else (ex.x, ex.y),
+                seed=stage_seed(self.cfg.seed, "finetune"), **how,
                 progress=lambda s, frac, met, i=i: self.progress("finetune", (i + frac) / len(runs), met),
             )
             weights[name] = net_weights(m)
@@ -206,13 +233,64 @@ class Run:
         return models
 
     def _evaluate(self, z: Tensor, boundary: Any, gfit: Any, adv: dict, tuned: dict) -> dict:
-        cfg, progress = self.cfg, self.progress
-        surrogate, arch = train_surrogate(self.spec, self.train, cfg, lambda s, frac, met: progress("evaluate", 0.3 * frac, met))
-        subset = evaluation_subset(self.test, cfg)
-        results = evaluate(self.models(), surrogate, subset.x, subset.y, cfg.evaluate, stage_seed(cfg.seed, "evaluate"),
-                           lambda s, frac, met: progress("evaluate", 0.3 + 0.7 * frac, met))
-        return {"models": results, "surrogate": {"architecture": arch, "clean_accuracy": accuracy(surrogate, subset.x, subset.y),
-                                                 "epochs": cfg.evaluate.surrogate_epochs}, "n": len(subset)}
+        cfg, progress, ev = self.cfg, self.progress, self.cfg.evaluate
+        seed = stage_seed(cfg.seed, "evaluate")
+        surrogate = arch = None
+        share = 0.0
+        if "blackbox" in ev.settings:
+            share = 0.15
+            surrogate, arch = train_surrogate(self.spec, self.train, cfg, lambda s, frac, met: progress("evaluate", share * frac, met))
+        points = evaluation_points(self.test, cfg)
+        ladder = self.ladder_attack(boundary, gfit, adv, points) if "ladder" in ev.attacks else None
+        results = evaluate(self.models(), surrogate, points.x, points.y, ev, seed, self.spec.num_classes, ladder,
+                           lambda s, frac, met: progress("evaluate", share + (1 - share) * frac, met))
+        if "autoattack" in ev.attacks:
+            results["evaluation"]["autoattack"] = autoattack_info(ev.autoattack, self.spec.num_classes,
+                                                                  results["evaluation"]["warnings"])
+        results["surrogate"] = None if surrogate is None else {
+            "architecture": arch, "clean_accuracy": accuracy(surrogate, points.x, points.y), "epochs": ev.surrogate_epochs}
+        return results
+
+    def ladder_attack(self, boundary: Any, gfit: Any, adv: dict, points: ImageData) -> Examples:
+        """The LADDER attack (paper Table 8): test points moved along the vanilla model's boundary normals by
+        its generator, every calibrated ε, a random target per point; labelled with the source class."""
+        gen = torch.Generator().manual_seed(stage_seed(self.cfg.seed, "evaluate") + 101)
+        eps = adv["calibration"].eps
+        z = extract_latents(self.split, points.x)
+        targets = random_targets(points.y, self.spec.num_classes, gen)
+        step = directions(boundary, z, points.y, targets, "boundary", gen)
+        ex = generate(gfit.build(), self.model, z, points.y, targets, step, eps, self.cfg.perturb.batch_size)
+        n = len(points)
+        return Examples(ex.x, torch.arange(n).repeat(len(eps)), {"eps": eps, "targets": "random", "crafted_on": "vanilla"},
+                        torch.arange(len(eps)).repeat_interleave(n), eps)
+
+    def html(self, report: dict) -> str:
+        """The report as one self-contained page, with generated examples along the ε list."""
+        from services.report import render_html  # matplotlib and the template load only when a page is made
+
+        return render_html(report, self.gallery())
+
+    @torch.no_grad()
+    def gallery(self, pairs: int = 4) -> dict:
+        """Generated examples along the ε list for a few (source → target) pairs of test images: the original,
+        its reconstruction G(Φ(x)), then G(z + ε·β⊙d) for every ε (the paper's Fig. 7/10)."""
+        _, boundary, gfit, adv = (self.output(s) for s in STAGES[:4])
+        eps = adv["calibration"].eps
+        gen = torch.Generator().manual_seed(stage_seed(self.cfg.seed, "evaluate") + 202)
+        classes = torch.randperm(self.spec.num_classes, generator=gen).tolist()
+        g = gfit.build().eval()
+        out = []
+        for k in range(min(pairs, self.spec.num_classes)):
+            s, t = classes[k], classes[(k + 1) % len(classes)]
+            idx = (self.test.y == s).nonzero().squeeze(1)
+            if len(idx) == 0:
+                continue
+            x = self.test.x[idx[torch.randint(len(idx), (1,), generator=gen)]]
+            z = self.split.features(x)
+            step = boundary.direction(z, torch.tensor([s]), torch.tensor([t]))
+            images = [x[0], g(z)[0], *(g(z + e * step)[0] for e in eps)]
+            out.append({"source": s, "target": t, "images": torch.stack(images).numpy()})
+        return {"eps": eps, "pairs": out}
 
     def report(self, stage_seconds: dict[str, float] | None = None) -> dict:
         """The evaluation report of the run (stage times: this process's, unless given)."""
@@ -220,12 +298,12 @@ class Run:
         z, boundary, gfit, adv, tuned, ev = (self.output(s) for s in STAGES)
         hold = gfit.holdout_index
         return {
-            "schema": "ladder.report/1",
+            "schema": REPORT_SCHEMA,
             "config": cfg.model_dump(mode="json"),
             "seeds": {"run": cfg.seed, **{s: stage_seed(cfg.seed, s) for s in STAGES}},
             "versions": versions(),
             "spec": spec.model_dump(mode="json"),
-            "data": {"train": len(train), "test": len(self.test), "evaluated": ev["n"]},
+            "data": {"train": len(train), "test": len(self.test), "evaluated": ev["evaluation"]["n"]},
             "latent": {"layer": split.layer, "dim": split.dim},
             "stage_seconds": stage_seconds if stage_seconds is not None else self.seconds,
             "boundary": {
@@ -251,7 +329,9 @@ class Run:
             },
             "finetune": {"loss": tuned["loss"], "seconds": tuned["seconds"]},
             "surrogate": ev["surrogate"],
+            "evaluation": ev["evaluation"],
             "models": ev["models"],
+            "average_rank": report_ranks(ev["models"], ev["evaluation"]["settings"]),
         }
 
 
@@ -262,4 +342,5 @@ def harden(
     """Run LADDER on `model` with its training data; evaluate vanilla, control, LADDER and variants on `test`."""
     run = Run(model, spec, train, test, config, store, progress)
     run.output(STAGES[-1])
-    return HardenResult(run.models(), run.report())
+    report = run.report()
+    return HardenResult(run.models(), report, run.html(report))
