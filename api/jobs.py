@@ -233,29 +233,45 @@ def _finished(job: Any, what: str) -> None:
 async def get_model(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep,
                     if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """The hardened weights as safetensors, with a strong ETag (their SHA-256)."""
+    return await _artifact(ctx, tenant, job_id, "model", if_none_match, "application/octet-stream",
+                           {"Content-Disposition": f'attachment; filename="hardened-{job_id}.safetensors"'})
+
+
+async def _artifact(ctx: Context, tenant: Any, job_id: uuid.UUID, name: str, if_none_match: str | None,
+                    media_type: str, headers: dict[str, str]) -> Response:
+    """A finished job's stored artifact, streamed with a strong ETag (its SHA-256), or 304."""
     def stored(session) -> Any:
         job = _job(session, tenant, job_id)
-        _finished(job, "model")
-        art = repository.artifact(session, job.id, "model")
+        _finished(job, "model" if name == "model" else "report")
+        art = repository.artifact(session, job.id, name)
         if art is None:
-            raise Problem(409, f"job {job.id} has no stored model; submit it again")
+            raise Problem(409, f"job {job.id} has no stored {name}; submit it again")
         return art
 
     art = await in_session(ctx, stored)
     etag = f'"{art.sha256}"'
     if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
-    return StreamingResponse(ctx.store.stream(art.key), media_type="application/octet-stream", headers={
-        "ETag": etag, "Content-Length": str(art.size),
-        "Content-Disposition": f'attachment; filename="hardened-{job_id}.safetensors"'})
+    return StreamingResponse(ctx.store.stream(art.key), media_type=media_type,
+                             headers={"ETag": etag, "Content-Length": str(art.size), **headers})
 
 
 @router.get("/jobs/{job_id}/report", responses=PROBLEMS)
 async def get_report(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep) -> dict[str, Any]:
-    """The evaluation report (JSON, schema ladder.report/1), stored with the job."""
+    """The evaluation report (JSON, schema ladder.report/2: docs/report.md), stored with the job."""
     def report(session) -> dict[str, Any]:
         job = _job(session, tenant, job_id)
         _finished(job, "report")
         return job.report
 
     return await in_session(ctx, report)
+
+
+@router.get("/jobs/{job_id}/report.html", responses={**PROBLEMS, 200: {"content": {"text/html": {}},
+            "description": "the evaluation report as one self-contained page; ETag = SHA-256"},
+            304: {"description": "not modified"}})
+async def get_report_html(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep,
+                          if_none_match: Annotated[str | None, Header()] = None) -> Response:
+    """The evaluation report as one self-contained HTML page (tables, plots, generated examples)."""
+    return await _artifact(ctx, tenant, job_id, "report.html", if_none_match, "text/html; charset=utf-8",
+                           {"Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'"})

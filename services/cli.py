@@ -163,8 +163,9 @@ def cmd_harden(args: argparse.Namespace) -> None:
             atomic_write(models_dir / f"{name}.safetensors", lambda p, m=m: save_file(net_weights(m), str(p)))
     atomic_write(out / "hardened.safetensors", lambda p: save_file(net_weights(result.models["ladder"]), str(p)))
     atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(result.report, indent=2) + "\n"))
+    atomic_write(out / "report.html", lambda p: p.write_text(result.html, encoding="utf-8"))
     print_summary(result.report)
-    print(f"wrote {out}/hardened.safetensors and {out}/report.json")
+    print(f"wrote {out}/hardened.safetensors, {out}/report.json and {out}/report.html")
 
 
 def _migrated_database(settings):
@@ -283,15 +284,21 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 
 def print_summary(report: dict) -> None:
-    """A before/after table: clean and attack accuracies per model."""
+    """A before/after table per setting: clean, attack and worst-case accuracies and the average rank."""
     models = report["models"]
-    cols = [(s, a) for s in ("whitebox", "blackbox") for a in next(iter(models.values()))["attacks"][s]]
-    header = ["model", "clean"] + [f"{s[:5]}-{a}" for s, a in cols]
-    rows = [[name, f"{m['clean_accuracy']:.4f}"] + [f"{m['attacks'][s][a]['accuracy']:.4f}" for s, a in cols]
-            for name, m in models.items()]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    for setting in report.get("evaluation", {}).get("settings", ["whitebox", "blackbox"]):
+        attacks = list(next(iter(models.values()))["attacks"].get(setting, {}))
+        header = [setting, "clean", *attacks, "worst", "rank"]
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        rank = report.get("average_rank", {}).get(setting, {})
+        rows = [[name, pct(m["clean_accuracy"]),
+                 *("–" if m.get("trained_on") == a else pct(m["attacks"][setting][a]["accuracy"]) for a in attacks),
+                 pct(m.get("worst_case", {}).get(setting, {}).get("accuracy")),
+                 "n/a" if rank.get(name) is None else f"{rank[name]:.2f}"] for name, m in models.items()]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for r in [header, *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        print()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,13 +102,20 @@ class Client:
                 time.sleep(every)
 
     def download(self, job_id: str, out: Path) -> tuple[Path, Path]:
-        """Save the hardened weights (checked against their ETag) and the report into `out`."""
+        """Save the hardened weights and the report's page (each checked against its ETag) and report.json into `out`."""
         out.mkdir(parents=True, exist_ok=True)
-        model = out / "hardened.safetensors"
-        tmp = model.with_suffix(".part")
+        model = self._fetch(f"/v1/jobs/{job_id}/model", out / "hardened.safetensors", "model")
+        self._fetch(f"/v1/jobs/{job_id}/report.html", out / "report.html", "report page")
+        report = out / "report.json"
+        report.write_text(json.dumps(self._send("GET", f"/v1/jobs/{job_id}/report").json(), indent=2) + "\n")
+        return model, report
+
+    def _fetch(self, path: str, dest: Path, what: str) -> Path:
+        """Stream a download into dest, checked against its ETag (the SHA-256); nothing is left behind on failure."""
+        tmp = dest.with_suffix(".part")
         h = hashlib.sha256()
         try:
-            with self.http.stream("GET", f"/v1/jobs/{job_id}/model") as r:
+            with self.http.stream("GET", path) as r:
                 if r.status_code >= 400:
                     r.read()
                     self._check(r)
@@ -119,11 +126,9 @@ class Client:
                 etag = r.headers.get("etag", "").strip('"')
         except httpx.HTTPError as e:
             tmp.unlink(missing_ok=True)
-            raise ClientError(f"the download of the model broke off ({e}); run the command again") from e
+            raise ClientError(f"the download of the {what} broke off ({e}); run the command again") from e
         if etag != h.hexdigest():
             tmp.unlink()
-            raise ClientError(f"the downloaded model's SHA-256 {h.hexdigest()} does not match its ETag {etag}; download again")
-        tmp.replace(model)
-        report = out / "report.json"
-        report.write_text(json.dumps(self._send("GET", f"/v1/jobs/{job_id}/report").json(), indent=2) + "\n")
-        return model, report
+            raise ClientError(f"the downloaded {what}'s SHA-256 {h.hexdigest()} does not match its ETag {etag}; download again")
+        tmp.replace(dest)
+        return dest

@@ -115,7 +115,8 @@ def test_train_then_harden_through_the_console_script(tmp_path):
                         "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
-    assert "black-pgd" in r.stdout and "\nladder " in r.stdout  # the before/after table
+    assert "blackbox  clean" in r.stdout and "\nladder " in r.stdout  # the before/after tables
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
     spec = LENET_SPEC.model_copy(update=json.loads((trained / "spec.json").read_text()))
     hardened = build_classifier(spec, load_file(str(out / "hardened.safetensors")))
     with np.load(small_test) as f:

@@ -40,6 +40,7 @@ def test_serve_embedded_and_submit(tmp_path, lenet):
         assert set(load_file(str(tmp_path / "out" / "hardened.safetensors"))) == set(net_weights(lenet.model))
         assert report["data"]["train"] == 320 and report["data"]["test"] == 80  # the stratified 20 % hold-out
         assert "ladder" in out.stdout and "vanilla" in out.stdout  # the before/after table
+        assert (tmp_path / "out" / "report.html").read_text().startswith("<!DOCTYPE html>")  # checked against its ETag
         assert (tmp_path / "data" / "ladder.db").exists()
     finally:
         server.stop()

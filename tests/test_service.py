@@ -137,10 +137,17 @@ def test_whole_job_over_http_with_a_celery_worker(server, keys, inputs, env, dat
         assert report["data"]["evaluated"] == len(y)
         assert accuracy(model, x, y) == pytest.approx(report["models"]["ladder"]["clean_accuracy"], abs=1e-9)
         assert set(report["models"]) == {"vanilla", "control", "ladder"}
-        assert _rows(database, "SELECT report->>'schema' FROM jobs WHERE id = :id", id=job["id"])[0][0] == "ladder.report/1"
+        assert _rows(database, "SELECT report->>'schema' FROM jobs WHERE id = :id", id=job["id"])[0][0] == "ladder.report/2"
+        page = httpx.get(f"{url}/report.html", headers=_auth(keys["acme"]), timeout=60)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert page.headers["etag"] == f'"{__import__("hashlib").sha256(page.content).hexdigest()}"'
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert page.text.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page.text
+        assert httpx.get(f"{url}/report.html", headers={**_auth(keys["acme"]), "If-None-Match": page.headers["etag"]}
+                         ).status_code == 304
 
         stored = {row[0]: row for row in _rows(database, "SELECT name, key, sha256, size FROM artifacts WHERE job_id = :id", id=job["id"])}
-        assert set(stored) == {"model", "model.control", "input.model", "input.train_data", "input.test_data"}
+        assert set(stored) == {"model", "model.control", "report.html", "input.model", "input.train_data", "input.test_data"}
         for name, key, sha, size in stored.values():  # every artifact is there, once, with its SHA-256
             assert file_digest(next(p for p in _store_files(env) if p.as_posix().endswith(key))) == (sha, size)
         assert not [p for p in _store_files(env) if p.suffix == ".tmp" or "/stages/" in p.as_posix()]
@@ -171,9 +178,9 @@ def test_a_worker_killed_mid_stage_is_replaced_and_the_job_resumes_there(server,
     assert after.pop("generator") == (2, 1)  # started twice, its work completed once
     assert all(v == (1, 1) for v in after.values()), after  # no completed stage ran again
     names = [n for (n,) in _rows(database, "SELECT name FROM artifacts WHERE job_id = :id", id=job_id)]
-    assert sorted(names) == ["input.model", "input.test_data", "input.train_data", "model", "model.control"]
+    assert sorted(names) == ["input.model", "input.test_data", "input.train_data", "model", "model.control", "report.html"]
     files = [p for p in _store_files(env) if job_id in p.as_posix()]
-    assert len(files) == 5 and not [p for p in files if p.suffix == ".tmp"]
+    assert len(files) == 6 and not [p for p in files if p.suffix == ".tmp"]
 
 
 def test_a_job_whose_message_the_broker_lost_is_enqueued_again(server, keys, inputs, env, tmp_path):
@@ -215,7 +222,7 @@ def test_cancel_queued_and_running(server, keys, inputs, env, database, tmp_path
 def test_a_tenant_never_sees_another_tenants_jobs(server, keys, inputs):
     job = _submit(server, keys["acme"], inputs, _config()).json()
     base = f"{server.url}/v1/jobs/{job['id']}"
-    for method, path in (("GET", ""), ("POST", "/cancel"), ("GET", "/model"), ("GET", "/report")):
+    for method, path in (("GET", ""), ("POST", "/cancel"), ("GET", "/model"), ("GET", "/report"), ("GET", "/report.html")):
         r = httpx.request(method, base + path, headers=_auth(keys["globex"]))
         assert r.status_code == 404, (method, path, r.text)
         assert r.json()["title"] == "Not Found" and job["id"] in r.json()["detail"]
@@ -243,7 +250,7 @@ def test_health_readiness_metrics_and_openapi(server):
     body = spec["paths"]["/v1/harden"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["required"] == ["model", "model_spec", "train_data"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/model",
-            "/v1/jobs/{job_id}/report"} <= set(spec["paths"])
+            "/v1/jobs/{job_id}/report", "/v1/jobs/{job_id}/report.html"} <= set(spec["paths"])
     assert httpx.get(f"{server.url}/docs").status_code == 200
 
 

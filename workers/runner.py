@@ -139,7 +139,7 @@ def _inputs(ctx: Context, job: Any, arts: dict[str, Any], tmp: Path) -> tuple[An
 
 
 def _results(ctx: Context, job: Any, run: Run, tmp: Path, stage_seconds: dict[str, float]) -> tuple[dict, dict]:
-    """The report and the stored models: hardened (LADDER) weights, then control and variants."""
+    """The report and the stored results: hardened (LADDER) weights, the other models, the report's page."""
     artifacts = {}
     for name, model in run.models().items():
         if name == "vanilla":
@@ -148,7 +148,12 @@ def _results(ctx: Context, job: Any, run: Run, tmp: Path, stage_seconds: dict[st
         save_file(net_weights(model), str(path), metadata={"ladder.model": name, "ladder.job": str(job.id)})
         key = f"jobs/{job.id}/results/{name}.safetensors"
         artifacts["model" if name == "ladder" else f"model.{name}"] = (key, *ctx.store.put(key, path))
-    return run.report(stage_seconds), artifacts
+    report = run.report(stage_seconds)
+    page = tmp / "report.html"
+    page.write_text(run.html(report), encoding="utf-8")
+    key = f"jobs/{job.id}/results/report.html"
+    artifacts["report.html"] = (key, *ctx.store.put(key, page))
+    return report, artifacts
 
 
 def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
