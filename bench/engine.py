@@ -36,7 +36,7 @@ from services.method.evaluate import evaluate
 from services.method.finetune import accuracy, fit
 from services.method.models import ModelSpec, build_classifier, net_weights
 from services.method.perturb import directions, generate, random_targets
-from services.method.pipeline import evaluation_subset, stage_seed, train_surrogate
+from services.method.pipeline import evaluation_points, stage_seed, train_surrogate
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec(architecture="lenet", num_classes=10, input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081])
@@ -91,18 +91,19 @@ def run_seed(seed: int, work: Path, overrides: dict) -> dict:
     report = json.loads((run / "out/report.json").read_text())
 
     f = config.finetune
-    attack = AttackConfig(eps=0.3, pgd_steps=10)
+    attack = AttackConfig(eps=0.3, pgd_steps=10, pgd_early_stop=False)  # training: every step
     gen = torch.Generator().manual_seed(seed)
     pgd_at = copy.deepcopy(vanilla)
     started = time.perf_counter()
     fit(pgd_at, train.x, train.y, epochs=f.epochs, lr=f.lr, momentum=f.momentum, batch_size=f.batch_size, seed=seed,
-        alpha=0.0, craft=lambda m, x, y: pgd(m, x, y, attack, gen))
+        alpha=0.0, craft=lambda m, x, y: pgd(m, x, y, None, attack, gen))
     pgd_at_seconds = time.perf_counter() - started
 
     surrogate, _ = train_surrogate(SPEC, train, config)
-    subset = evaluation_subset(test, config)
+    subset = evaluation_points(test, config)
     assert accuracy(surrogate, subset.x, subset.y) == report["surrogate"]["clean_accuracy"], "surrogate differs from the report's"
-    pgd_at_eval = evaluate({"pgd_at": pgd_at}, surrogate, subset.x, subset.y, config.evaluate, stage_seed(seed, "evaluate"))
+    pgd_at_eval = evaluate({"pgd_at": pgd_at}, surrogate, subset.x, subset.y, config.evaluate, stage_seed(seed, "evaluate"),
+                           SPEC.num_classes)["models"]
     assert abs(accuracy(vanilla, subset.x, subset.y) - report["models"]["vanilla"]["clean_accuracy"]) < 1e-12
 
     ladder_seconds = sum(report["stage_seconds"][s] for s in LADDER_STAGES) + report["finetune"]["seconds"]["ladder"]
