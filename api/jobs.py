@@ -244,6 +244,9 @@ async def _artifact(ctx: Context, tenant: Any, job_id: uuid.UUID, name: str, if_
         job = _job(session, tenant, job_id)
         _finished(job, "model" if name == "model" else "report")
         art = repository.artifact(session, job.id, name)
+        if art is None and name == "report.html":
+            raise Problem(404, f"job {job.id} has no report page (it could not be rendered; the worker's log says why); "
+                               f"GET /v1/jobs/{job.id}/report has every number")
         if art is None:
             raise Problem(409, f"job {job.id} has no stored {name}; submit it again")
         return art

@@ -163,9 +163,11 @@ def cmd_harden(args: argparse.Namespace) -> None:
             atomic_write(models_dir / f"{name}.safetensors", lambda p, m=m: save_file(net_weights(m), str(p)))
     atomic_write(out / "hardened.safetensors", lambda p: save_file(net_weights(result.models["ladder"]), str(p)))
     atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(result.report, indent=2) + "\n"))
-    atomic_write(out / "report.html", lambda p: p.write_text(result.html, encoding="utf-8"))
+    if result.html is not None:
+        atomic_write(out / "report.html", lambda p: p.write_text(result.html, encoding="utf-8"))
     print_summary(result.report)
-    print(f"wrote {out}/hardened.safetensors, {out}/report.json and {out}/report.html")
+    page = f" and {out}/report.html" if result.html is not None else " (no report.html: its rendering failed, see above)"
+    print(f"wrote {out}/hardened.safetensors, {out}/report.json{page}")
 
 
 def _migrated_database(settings):
@@ -276,11 +278,11 @@ def cmd_submit(args: argparse.Namespace) -> None:
         if job["status"] != "succeeded":
             err = job["error"] or {"code": job["status"], "message": "canceled"}
             raise ClientError(f"job {job['id']} {job['status']}: {err['code']}: {err['message']}")
-        model, report = client.download(job["id"], Path(args.out))
+        model, report, page = client.download(job["id"], Path(args.out))
     except ClientError as e:
         raise InputError(str(e)) from e
     print_summary(json.loads(report.read_text()))
-    print(f"wrote {model} and {report}")
+    print(f"wrote {model}, {report}" + (f" and {page}" if page else " (the job has no report page)"))
 
 
 def print_summary(report: dict) -> None:

@@ -10,6 +10,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from services.checkpoints import atomic_write
 from services.errors import InputError
 
 STAGES = ("latents", "boundary", "generator", "adversarial", "finetune", "evaluate", "report")
@@ -17,6 +18,10 @@ STAGES = ("latents", "boundary", "generator", "adversarial", "finetune", "evalua
 
 class ClientError(Exception):
     """The server refused a request or the job failed; the message says why."""
+
+
+class NotFound(ClientError):
+    """The server answered 404."""
 
 
 def _detail(r: httpx.Response) -> str:
@@ -35,7 +40,8 @@ class Client:
 
     def _check(self, r: httpx.Response) -> httpx.Response:
         if r.status_code >= 400:
-            raise ClientError(f"{r.request.method} {r.request.url.path}: {r.status_code} {_detail(r)}")
+            error = NotFound if r.status_code == 404 else ClientError
+            raise error(f"{r.request.method} {r.request.url.path}: {r.status_code} {_detail(r)}")
         return r
 
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
@@ -101,14 +107,19 @@ class Client:
                     return job
                 time.sleep(every)
 
-    def download(self, job_id: str, out: Path) -> tuple[Path, Path]:
-        """Save the hardened weights and the report's page (each checked against its ETag) and report.json into `out`."""
+    def download(self, job_id: str, out: Path) -> tuple[Path, Path, Path | None]:
+        """Save report.json, the hardened weights and the report's page (each file checked against its ETag)
+        into `out`; the page is None when the job has none (it could not be rendered)."""
         out.mkdir(parents=True, exist_ok=True)
-        model = self._fetch(f"/v1/jobs/{job_id}/model", out / "hardened.safetensors", "model")
-        self._fetch(f"/v1/jobs/{job_id}/report.html", out / "report.html", "report page")
+        body = json.dumps(self._send("GET", f"/v1/jobs/{job_id}/report").json(), indent=2) + "\n"
         report = out / "report.json"
-        report.write_text(json.dumps(self._send("GET", f"/v1/jobs/{job_id}/report").json(), indent=2) + "\n")
-        return model, report
+        atomic_write(report, lambda p: p.write_text(body))
+        model = self._fetch(f"/v1/jobs/{job_id}/model", out / "hardened.safetensors", "model")
+        try:
+            page = self._fetch(f"/v1/jobs/{job_id}/report.html", out / "report.html", "report page")
+        except NotFound:
+            page = None
+        return model, report, page
 
     def _fetch(self, path: str, dest: Path, what: str) -> Path:
         """Stream a download into dest, checked against its ETag (the SHA-256); nothing is left behind on failure."""

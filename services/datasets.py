@@ -183,6 +183,17 @@ def stratified_split(data: ImageData, fraction: float, seed: int) -> tuple[Image
     return data.subset(torch.cat(keep).sort().values), data.subset(torch.cat(held).sort().values)
 
 
+def balanced_order(y: Tensor, gen: torch.Generator) -> Tensor:
+    """A permutation that deals the classes out in rounds, one sample of each class per round (random
+    samples, random class order within a round), so every prefix is as class-balanced as the counts allow."""
+    perm = torch.randperm(len(y), generator=gen)
+    rank = torch.empty(len(y), dtype=torch.long)
+    for c in y.unique().tolist():
+        at = (y[perm] == c).nonzero().squeeze(1)
+        rank[at] = torch.arange(len(at))
+    return perm[torch.sort(rank, stable=True).indices]
+
+
 def save_npz(data: ImageData, path: Path) -> None:
     """Write data as .npz (x as uint8 when the pixels are exact multiples of 1/255)."""
     x = data.x.numpy()

@@ -2,9 +2,13 @@
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from services.datasets import balanced_order
 from services.method.attacks import expand_targets
-from services.method.evaluate import per_point, worst_case
+from services.method.config import ATTACK_NAMES, EvaluateConfig
+from services.method.evaluate import Examples, evaluate, per_point, worst_case
+from services.method.finetune import fit
 from services.method.rank import average_rank, column_ranks, report_ranks
 
 # The paper's Table 2 (MNIST, LeNet, black-box), the rows method.md quotes; "–" cells are the attack trained on.
@@ -75,3 +79,77 @@ def test_targets_random_differ_from_labels_and_all_covers_every_other_class():
     assert len(rows) == 36 and (t != y[rows]).all()
     for i in range(4):
         assert sorted(t[rows == i].tolist()) == [c for c in range(10) if c != y[i]]
+
+
+def test_balanced_order_deals_the_classes_out_so_every_prefix_is_balanced():
+    y = torch.tensor([0] * 7 + [1] * 5 + [2] * 3)
+    order = balanced_order(y, torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(len(y)))
+    for k in range(1, 4):  # while every class has samples left, a prefix of 3k holds k of each
+        assert torch.bincount(y[order[: 3 * k]], minlength=3).tolist() == [k, k, k]
+    assert torch.bincount(y[order[:13]], minlength=3).tolist() == [5, 5, 3]
+    other = balanced_order(y, torch.Generator().manual_seed(1))
+    assert not torch.equal(order, other)  # random within the rounds
+
+
+def test_whitebox_attacks_narrows_the_whitebox_runs_only():
+    cfg = EvaluateConfig(whitebox_attacks=["ladder"])
+    assert cfg.runs("whitebox") == ["ladder"]
+    assert cfg.runs("blackbox") == ["fgsm", "pgd", "cw", "jsma", "autoattack"]  # the LADDER attack is never transferred
+    assert EvaluateConfig().runs("whitebox") == list(ATTACK_NAMES)
+    assert EvaluateConfig(settings=["whitebox"]).runs("blackbox") == []
+    with pytest.raises(ValidationError, match="subset of attacks"):
+        EvaluateConfig(attacks=["fgsm"], whitebox_attacks=["pgd"])
+
+
+def test_evaluate_runs_each_setting_its_own_attacks(lenet):
+    x, y = lenet.test.x[:40], lenet.test.y[:40]
+    cfg = EvaluateConfig(attacks=["fgsm", "pgd"], whitebox_attacks=["fgsm"], attack={"pgd_steps": 2})
+    out = evaluate({"vanilla": lenet.model}, lenet.model, x, y, cfg, seed=0, num_classes=10)
+    attacks = out["models"]["vanilla"]["attacks"]
+    assert set(attacks["whitebox"]) == {"fgsm"} and set(attacks["blackbox"]) == {"fgsm", "pgd"}
+    assert out["evaluation"]["runs"] == {"whitebox": ["fgsm"], "blackbox": ["fgsm", "pgd"]}
+    # the same surrogate as the model: transfer FGSM is the white-box FGSM with the same seed
+    assert attacks["whitebox"]["fgsm"]["accuracy"] == attacks["blackbox"]["fgsm"]["accuracy"]
+
+
+def test_a_point_misclassified_clean_is_not_robust_whatever_its_attacked_rows_score(lenet):
+    m, x, y = lenet.model, lenet.test.x, lenet.test.y
+    with torch.no_grad():
+        pred = m(x).argmax(1)
+    w = int((pred != y).nonzero()[0])  # misclassified clean
+    r = int((pred == y).nonzero()[0])  # classified right
+    j = int((pred == y[w]).nonzero()[0])  # an image the model labels as point w's true class
+    points_x, points_y = x[[w, r]], y[[w, r]]
+    rows = Examples(torch.stack([x[j], x[r]]), torch.tensor([0, 1]), {"eps": [1.0]})
+    cfg = EvaluateConfig(attacks=["ladder"], settings=["whitebox"])
+    out = evaluate({"m": m}, None, points_x, points_y, cfg, seed=0, num_classes=10, ladder=rows)
+    entry = out["models"]["m"]["attacks"]["whitebox"]["ladder"]
+    assert entry["accuracy"] == 0.5 and entry["n"] == 2  # w's attacked row is "correct", but w was never robust
+    assert out["models"]["m"]["clean_accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("kind", ["fgsm_at", "pgd_at", "trades", "trades_ladder"])
+def test_the_baselines_losses_match_their_definitions_on_one_batch(kind):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.rand(8, 1, 2, 2), torch.randint(0, 3, (8,))
+    extra = (torch.rand(1, 1, 2, 2).repeat(8, 1, 1, 1), torch.full((8,), 2))  # every draw the same row
+    craft = lambda m, xb, yb: 1 - xb  # noqa: E731  (a stand-in attack, a function of the batch)
+    beta, alpha = 6.0, 0.5
+    with torch.no_grad():
+        clean, adv = model(x), model(1 - x)
+        p, q = clean.softmax(1), adv.softmax(1)
+        kl = (p * (p.log() - q.log())).sum(1).mean()
+        ce = torch.nn.functional.cross_entropy
+        expected = {
+            "fgsm_at": alpha * ce(clean, y) + (1 - alpha) * ce(adv, y),  # Goodfellow et al.
+            "pgd_at": ce(adv, y),  # Madry et al.: the adversarial loss only
+            "trades": ce(clean, y) + beta * kl,  # Zhang et al.: KL(f(x) ‖ f(x'))
+            "trades_ladder": alpha * (ce(clean, y) + beta * kl) + (1 - alpha) * ce(model(extra[0]), extra[1]),
+        }[kind]
+    how = {"fgsm_at": {"alpha": alpha, "craft": craft}, "pgd_at": {"alpha": 0.0, "craft": craft},
+           "trades": {"alpha": 1.0, "trades": (beta, craft)},
+           "trades_ladder": {"alpha": alpha, "extra": extra, "trades": (beta, craft)}}[kind]
+    loss = fit(model, x, y, epochs=1, lr=0.1, momentum=0.0, batch_size=8, seed=0, **how)
+    assert loss[0] == pytest.approx(expected.item(), rel=1e-5)  # one step: the loss before its update

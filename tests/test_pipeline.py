@@ -8,7 +8,8 @@ import torch
 from services import checkpoints
 from services.checkpoints import DirectoryStore
 from services.method.boundary import Boundary
-from services.method.pipeline import STAGES, MemoryStore, harden
+from services.method.pipeline import STAGES, MemoryStore, Run, harden
+from services.method.rank import report_ranks
 
 from .conftest import quick_config
 
@@ -44,7 +45,10 @@ def test_report_has_every_model_attack_and_setting(run):
     assert vanilla["attacks"]["blackbox"]["pgd"]["params"]["crafted_on"] == "surrogate"
     assert report["models"]["ladder"]["trained_on"] == "ladder" and vanilla["trained_on"] is None
     assert set(report["average_rank"]) == {"whitebox", "blackbox"}
+    assert report["average_rank"] == report_ranks(report["models"], ["whitebox", "blackbox"])
     assert all(1 <= r <= 4 for ranks in report["average_rank"].values() for r in ranks.values())
+    assert report["evaluation"]["runs"] == {"whitebox": ["fgsm", "pgd", "cw", "jsma", "autoattack", "ladder"],
+                                            "blackbox": ["fgsm", "pgd", "cw", "jsma", "autoattack"]}
     aa = report["evaluation"]["autoattack"]
     assert aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"] and aa["version"] == report["versions"]["autoattack"]
     assert set(report["stage_seconds"]) == set(STAGES)
@@ -54,6 +58,19 @@ def test_report_has_every_model_attack_and_setting(run):
     assert len(report["calibration"]["table"]) == 5
     assert 0.5 <= report["surrogate"]["clean_accuracy"] <= 1 and report["surrogate"]["architecture"] == "smallcnn"
     assert result.html.startswith("<!DOCTYPE html>") and "ladder_random" in result.html
+
+
+def test_a_page_that_fails_to_render_costs_the_page_only(run, lenet, monkeypatch, caplog):
+    import services.report
+
+    def broken(report, gallery):
+        raise RuntimeError("a plotting bug")
+
+    result, store, _ = run
+    monkeypatch.setattr(services.report, "render_html", broken)
+    again = Run(lenet.model, lenet.spec, lenet.train, lenet.test, quick_config(variants=["ladder_random"]), store)
+    assert again.html(result.report) is None  # the stages are stored: nothing is recomputed, nothing is lost
+    assert "could not be rendered" in caplog.text and "a plotting bug" in caplog.text
 
 
 def test_progress_reaches_every_stage_and_stays_in_range(run):

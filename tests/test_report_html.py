@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from services.method.rank import report_ranks
 from services.report import render_html
 
 CHROMIUM = os.environ.get("LADDER_CHROMIUM", "/usr/bin/chromium")  # scripts/services installs it
@@ -58,7 +59,7 @@ CAPS = {"cw": 500, "jsma": 100, "autoattack": 200}
 def make_report(models=NUMBERS, settings=("whitebox", "blackbox"), attacks=ATTACKS, autoattack_warnings=True) -> dict:
     """A realistic ladder.report/2 document (numbers shaped like a 10-class LeNet run on 1,000 test digits)."""
     params = attack_params()
-    out_models, ranks = {}, {s: {} for s in settings}
+    out_models = {}
     for name, (clean, wb, bb, worst_wb, worst_bb) in models.items():
         cells = {}
         for s, table in (("whitebox", wb), ("blackbox", bb)):
@@ -74,17 +75,7 @@ def make_report(models=NUMBERS, settings=("whitebox", "blackbox"), attacks=ATTAC
             "worst_case": {s: {"accuracy": w, "n": 100, "attacks": sorted(cells[s])}
                            for s, w in (("whitebox", worst_wb), ("blackbox", worst_bb)) if s in settings},
         }
-    for s in settings:  # ranks over the clean and attack columns, 1 = best
-        cols = ["clean", *[a for a in attacks if any(a in out_models[m]["attacks"][s] for m in out_models)]]
-        for m in out_models:
-            rs = []
-            for c in cols:
-                v = out_models[m]["clean_accuracy"] if c == "clean" else out_models[m]["attacks"][s].get(c, {}).get("accuracy")
-                others = [out_models[o]["clean_accuracy"] if c == "clean" else out_models[o]["attacks"][s].get(c, {}).get("accuracy")
-                          for o in out_models]
-                if v is not None:
-                    rs.append(1 + sum(1 for o in others if o is not None and o > v))
-            ranks[s][m] = round(sum(rs) / len(rs), 4)
+    ranks = report_ranks(out_models, list(settings))  # the pipeline's own ranks (ties, trained-on cells)
     curve_eps = list(np.geomspace(0.05, 50, 64))
     curve_rate = [float(1 / (1 + np.exp(-2.2 * (np.log(e) - np.log(2.9))))) for e in curve_eps]
     report = {

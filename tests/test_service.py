@@ -1,6 +1,7 @@
 """The service end to end: real PostgreSQL (migrated by Alembic), real Redis, `ladder serve` and
 real `celery` worker processes, all over HTTP."""
 
+import json
 import uuid
 
 import httpx
@@ -12,6 +13,7 @@ from safetensors.torch import load, save_file
 from sqlalchemy import create_engine, text
 
 from services.artifacts import file_digest
+from services.client import Client
 from services.method.finetune import accuracy
 from services.method.models import build_classifier, net_weights
 
@@ -94,7 +96,7 @@ def _auth(key: str) -> dict:
 def _rows(database: str, sql: str, **params) -> list:
     engine = create_engine(database)
     try:
-        with engine.connect() as c:
+        with engine.begin() as c:  # committed: a DELETE takes effect
             return list(c.execute(text(sql), params))
     finally:
         engine.dispose()
@@ -151,6 +153,15 @@ def test_whole_job_over_http_with_a_celery_worker(server, keys, inputs, env, dat
         for name, key, sha, size in stored.values():  # every artifact is there, once, with its SHA-256
             assert file_digest(next(p for p in _store_files(env) if p.as_posix().endswith(key))) == (sha, size)
         assert not [p for p in _store_files(env) if p.suffix == ".tmp" or "/stages/" in p.as_posix()]
+
+        # a job without a page (its rendering failed): a 404 that says where the numbers are, and the
+        # client still downloads the weights and report.json
+        _rows(database, "DELETE FROM artifacts WHERE job_id = :id AND name = 'report.html' RETURNING name", id=job["id"])
+        gone = httpx.get(f"{url}/report.html", headers=_auth(keys["acme"]))
+        assert gone.status_code == 404 and f"/v1/jobs/{job['id']}/report has every number" in gone.json()["detail"]
+        model_path, report_path, page = Client(server.url, keys["acme"]).download(job["id"], tmp_path / "download")
+        assert page is None and not (tmp_path / "download" / "report.html").exists()
+        assert json.loads(report_path.read_text())["schema"] == "ladder.report/2" and model_path.read_bytes() == m.content
     finally:
         w.stop()
 

@@ -149,10 +149,12 @@ def _results(ctx: Context, job: Any, run: Run, tmp: Path, stage_seconds: dict[st
         key = f"jobs/{job.id}/results/{name}.safetensors"
         artifacts["model" if name == "ladder" else f"model.{name}"] = (key, *ctx.store.put(key, path))
     report = run.report(stage_seconds)
-    page = tmp / "report.html"
-    page.write_text(run.html(report), encoding="utf-8")
-    key = f"jobs/{job.id}/results/report.html"
-    artifacts["report.html"] = (key, *ctx.store.put(key, page))
+    html = run.html(report)
+    if html is not None:  # a page that failed to render is logged; the job keeps its weights and report
+        page = tmp / "report.html"
+        page.write_text(html, encoding="utf-8")
+        key = f"jobs/{job.id}/results/report.html"
+        artifacts["report.html"] = (key, *ctx.store.put(key, page))
     return report, artifacts
 
 

@@ -124,6 +124,9 @@ class EvaluateConfig(_Section):
 
     attacks: list[AttackName] = Field(list(ATTACK_NAMES), description="ladder: the vanilla model's own generator and boundary")
     settings: list[Literal["whitebox", "blackbox"]] = ["whitebox", "blackbox"]
+    whitebox_attacks: list[AttackName] | None = Field(
+        None, description="the attacks also run white-box on every model; None = all of `attacks` (the paper's "
+                          "Table 2 is black-box only, with the LADDER attack white-box: [ladder])")
     attack: AttackConfig = AttackConfig()
     cw: CWConfig = CWConfig()
     jsma: JSMAConfig = JSMAConfig()
@@ -150,6 +153,20 @@ class EvaluateConfig(_Section):
         if not v or len(set(v)) != len(v):
             raise ValueError("must be a non-empty list without repeats")
         return v
+
+    @model_validator(mode="after")
+    def _whitebox_subset(self) -> "EvaluateConfig":
+        if self.whitebox_attacks is not None and not set(self.whitebox_attacks) <= set(self.attacks):
+            raise ValueError(f"whitebox_attacks must be a subset of attacks {self.attacks}")
+        return self
+
+    def runs(self, setting: str) -> list[str]:
+        """The attacks run in a setting: `attacks` (black-box: the pixel attacks; white-box: `whitebox_attacks`)."""
+        if setting not in self.settings:
+            return []
+        if setting == "blackbox":
+            return [a for a in self.attacks if a != "ladder"]  # the LADDER attack needs the target's own generator
+        return [a for a in self.attacks if self.whitebox_attacks is None or a in self.whitebox_attacks]
 
 
 class BaselinesConfig(_Section):

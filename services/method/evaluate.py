@@ -7,7 +7,7 @@ generator and boundary, and is reported in the white-box setting.
 
 Robust accuracy is over all evaluated points (RobustBench convention): a point the model already
 misclassifies counts as a failure. Attacks with a cap run on a prefix of the evaluated points (the
-points are shuffled once, so every prefix mixes classes, and capped subsets are nested). The
+points are dealt out class by class, so every prefix is class-balanced, and capped subsets are nested). The
 per-point worst case counts a point as robust only if it is classified correctly clean and under
 every attack of the setting, over the prefix that every attack covered.
 """
@@ -72,47 +72,52 @@ def evaluate(
 ) -> dict:
     """{"models": per model clean_accuracy, attacks.<setting>.<attack>, worst_case.<setting>; "evaluation": what ran}."""
     settings = [s for s in cfg.settings if s == "whitebox" or surrogate is not None]
-    pixel = [a for a in cfg.attacks if a != "ladder"]
+    runs = {s: [a for a in cfg.runs(s) if a != "ladder" or ladder is not None] for s in settings}
+    ladder = ladder if "ladder" in runs.get("whitebox", []) else None
+    seeds = {a: seed + k for k, a in enumerate(a for a in cfg.attacks if a != "ladder")}
+    pixel = [a for a in seeds if any(a in r for r in runs.values())]
     clean = {name: correct_rows(m, x, y, cfg.batch_size) for name, m in models.items()}
     out = {name: {"clean_accuracy": fraction(clean[name]), "trained_on": TRAINED_ON.get(name),
                   "attacks": {s: {} for s in settings}, "worst_case": {}} for name, m in models.items()}
     robust: dict[str, dict[str, dict[str, Tensor]]] = {s: {name: {} for name in models} for s in settings}
     warnings: list[str] = []
     seconds: dict[str, float] = {}
-    jobs = len(pixel) * (("blackbox" in settings) + ("whitebox" in settings) * len(models)) + (ladder is not None)
+    jobs = len(runs.get("blackbox", [])) + len(models) * len(runs.get("whitebox", [])) or 1
     done = 0
 
     def record(setting: str, name: str, attack: str, correct: Tensor, point: Tensor, params: dict,
                examples: Examples | None = None) -> None:
+        correct = correct & clean[name][point]  # a point the model already misclassifies is not robust
         out[name]["attacks"][setting][attack] = _entry(correct, params, examples)
         robust[setting][name][attack] = per_point(correct, point, int(point.max()) + 1 if len(point) else 0)
 
     # transfer examples take every PGD step: one that only just fools the surrogate transfers poorly
     transfer_cfg = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"pgd_early_stop": False})})
-    for k, attack in enumerate(pixel):
+    for attack in pixel:
         started = time.perf_counter()
-        if "blackbox" in settings:
-            crafted = craft(attack, surrogate, x, y, transfer_cfg, seed + k, num_classes, warnings)
+        if attack in runs.get("blackbox", []):
+            crafted = craft(attack, surrogate, x, y, transfer_cfg, seeds[attack], num_classes, warnings)
             for name, m in models.items():
                 record("blackbox", name, attack, correct_rows(m, crafted.x, y[crafted.point], cfg.batch_size),
                        crafted.point, {**crafted.params, "crafted_on": "surrogate"})
             done += 1
             progress("evaluate", done / jobs, {})
-        if "whitebox" in settings:
+        if attack in runs.get("whitebox", []):
             for name, m in models.items():
-                crafted = craft(attack, m, x, y, cfg, seed + k, num_classes, warnings)
+                crafted = craft(attack, m, x, y, cfg, seeds[attack], num_classes, warnings)
                 record("whitebox", name, attack, correct_rows(m, crafted.x, y[crafted.point], cfg.batch_size),
                        crafted.point, crafted.params)
                 done += 1
                 progress("evaluate", done / jobs, {f"{name}_{attack}": out[name]["attacks"]["whitebox"][attack]["accuracy"]})
         seconds[attack] = time.perf_counter() - started
-    if ladder is not None and "whitebox" in settings:
+    if ladder is not None:
         started = time.perf_counter()
         for name, m in models.items():
             record("whitebox", name, "ladder", correct_rows(m, ladder.x, y[ladder.point], cfg.batch_size),
                    ladder.point, ladder.params, ladder)
+            done += 1
+            progress("evaluate", done / jobs, {})
         seconds["ladder"] = time.perf_counter() - started
-        progress("evaluate", 1.0, {})
     for setting in settings:
         for name in models:
             out[name]["worst_case"][setting] = worst_case(clean[name], robust[setting][name])
@@ -120,6 +125,7 @@ def evaluate(
         "models": out,
         "evaluation": {
             "n": len(x), "settings": settings, "attacks": [*pixel, *(["ladder"] if ladder is not None else [])],
+            "runs": runs,
             "params": {**{a: attack_params(a, cfg) for a in pixel}, **({"ladder": ladder.params} if ladder else {})},
             "seconds": seconds, "warnings": warnings,
         },

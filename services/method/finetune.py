@@ -2,8 +2,9 @@
 
 One loop serves every model we train: a vanilla model from scratch and the control (α = 1,
 clean data only), LADDER (x̂ drawn from the generated set, labelled with the source class) and
-the pixel-space baselines (x̂ crafted per batch by an attack, e.g. PGD-AT). Clean and extra
-batches go through the network together, so every step mixes both.
+the pixel-space baselines (x̂ crafted per batch by an attack, e.g. PGD-AT). Every step mixes clean
+and extra examples; they go through the network in one pass, or in one pass each when the network
+has BatchNorm (so that its batch statistics are not a blend of both, as in TRADES' reference code).
 """
 
 import math
@@ -52,6 +53,7 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks
     device = next(model.parameters()).device
+    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     steps = math.ceil(len(x) / batch_size)
     extra_order, extra_at = None, 0
@@ -76,7 +78,10 @@ def fit(
                     extra_at += len(idx)
                     xa, ya = extra[0][j].to(device), extra[1][j].to(device)
                 parts.append(xa)
-            logits = model(torch.cat(parts)).split([len(p) for p in parts])
+            if batchnorm:  # BatchNorm statistics per kind of input, as TRADES' reference code does
+                logits = [model(p) for p in parts]
+            else:  # one pass: the same numbers, faster
+                logits = model(torch.cat(parts)).split([len(p) for p in parts])
             loss = logits[0].new_zeros(())
             if alpha > 0:
                 clean = F.cross_entropy(logits[0], yb)

@@ -7,6 +7,7 @@ seed from the run's seed, so a resumed run gives the same numbers as an uninterr
 
 import copy
 import importlib.metadata
+import logging
 import platform
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torchvision
 from torch import Tensor
 
 import services
-from services.datasets import ImageData, require_every_class, stratified_split
+from services.datasets import ImageData, balanced_order, require_every_class, stratified_split
 from services.errors import InputError
 from services.method.boundary import fit_boundary
 from services.method.attacks import autoattack_info, training_attack
@@ -32,6 +33,7 @@ from services.method.models import Classifier, ModelSpec, build_classifier, load
 from services.method.perturb import calibrate, directions, generate, random_targets
 from services.method.progress import Progress, silent
 
+log = logging.getLogger(__name__)
 STAGES = ("latents", "boundary", "generator", "adversarial", "finetune", "evaluate")
 REPORT_SCHEMA = "ladder.report/2"  # docs/report.md
 STAGE_SCHEMA = 2  # bump when a stage's stored output changes shape, so old stored stages are not reused
@@ -67,7 +69,7 @@ class HardenResult:
 
     models: dict[str, Classifier]
     report: dict
-    html: str
+    html: str | None  # None when the page could not be rendered (logged): the weights and numbers still count
 
 
 def stage_seed(seed: int, stage: str) -> int:
@@ -116,13 +118,14 @@ def split_inputs(train: ImageData, test: ImageData | None, cfg: LadderConfig, nu
 
 
 def evaluation_points(test: ImageData, cfg: LadderConfig) -> ImageData:
-    """The test points evaluated (all, or a stratified `max_samples`), shuffled so that every prefix
-    (the subset of an attack with a cap) mixes the classes."""
+    """The test points evaluated (all, or a stratified `max_samples`), dealt out class by class so that
+    every prefix (the subset of an attack with a cap) is class-balanced: a cap of 500 on 10 classes
+    attacks 50 points of each."""
     n = cfg.evaluate.max_samples
     seed = stage_seed(cfg.seed, "evaluate")
     if n is not None and len(test) > n:
         test = stratified_split(test, n / len(test), seed)[1]
-    return test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(seed)))
+    return test.subset(balanced_order(test.y, torch.Generator().manual_seed(seed)))
 
 
 class Run:
@@ -188,7 +191,7 @@ class Run:
                                              cfg.perturb.batch_size, progress)
         return out
 
-    def _trainings(self, adv: dict) -> dict[str, dict]:
+    def trainings(self, adv: dict) -> dict[str, dict]:
         """How each compared model is fine-tuned: `fit` arguments beyond the shared data and budget."""
         f, b = self.cfg.finetune, self.cfg.baselines
         ladder = (adv["examples"]["ladder"].x, adv["examples"]["ladder"].y)
@@ -208,20 +211,23 @@ class Run:
         return runs
 
     def _finetune(self, z: Tensor, boundary: Any, gfit: Any, adv: dict) -> dict:
-        f, train = self.cfg.finetune, self.train
         weights, history, seconds = {}, {}, {}
-        runs = self._trainings(adv)
+        runs = self.trainings(adv)
         for i, (name, how) in enumerate(runs.items()):
             started = time.perf_counter()
-            m = copy.deepcopy(self.model)
-            history[name] = fit(
-                m, train.x, train.y, epochs=f.epochs, lr=f.lr, momentum=f.momentum, batch_size=f.batch_size,
-                seed=stage_seed(self.cfg.seed, "finetune"), **how,
-                progress=lambda s, frac, met, i=i: self.progress("finetune", (i + frac) / len(runs), met),
-            )
-            weights[name] = net_weights(m)
+            weights[name], history[name] = self.finetune_one(
+                how, lambda s, frac, met, i=i: self.progress("finetune", (i + frac) / len(runs), met))
             seconds[name] = time.perf_counter() - started
         return {"weights": weights, "loss": history, "seconds": seconds}
+
+    def finetune_one(self, how: dict, progress: Progress = silent) -> tuple[dict[str, Tensor], list[float]]:
+        """Fine-tune a copy of the uploaded model with the run's data and budget (`how`: one of `trainings`):
+        its weights and loss per epoch."""
+        f, train = self.cfg.finetune, self.train
+        m = copy.deepcopy(self.model)
+        history = fit(m, train.x, train.y, epochs=f.epochs, lr=f.lr, momentum=f.momentum, batch_size=f.batch_size,
+                      seed=stage_seed(self.cfg.seed, "finetune"), **how, progress=progress)
+        return net_weights(m), history
 
     def models(self) -> dict[str, Classifier]:
         """vanilla, control, ladder and the variants, built from the finetune stage's weights."""
@@ -241,7 +247,7 @@ class Run:
             share = 0.15
             surrogate, arch = train_surrogate(self.spec, self.train, cfg, lambda s, frac, met: progress("evaluate", share * frac, met))
         points = evaluation_points(self.test, cfg)
-        ladder = self.ladder_attack(boundary, gfit, adv, points) if "ladder" in ev.attacks else None
+        ladder = self.ladder_attack(boundary, gfit, adv, points) if "ladder" in ev.runs("whitebox") else None
         results = evaluate(self.models(), surrogate, points.x, points.y, ev, seed, self.spec.num_classes, ladder,
                            lambda s, frac, met: progress("evaluate", share + (1 - share) * frac, met))
         if "autoattack" in ev.attacks:
@@ -264,13 +270,17 @@ class Run:
         return Examples(ex.x, torch.arange(n).repeat(len(eps)), {"eps": eps, "targets": "random", "crafted_on": "vanilla"},
                         torch.arange(len(eps)).repeat_interleave(n), eps)
 
-    def html(self, report: dict) -> str:
-        """The report as one self-contained page, with generated examples along the ε list."""
-        from services.report import render_html  # matplotlib and the template load only when a page is made
+    def html(self, report: dict) -> str | None:
+        """The report as one self-contained page, with generated examples along the ε list; None (and a logged
+        error) when rendering fails: a page is a view of report.json and never costs a run its results."""
+        try:
+            from services.report import render_html  # matplotlib and the template load only when a page is made
 
-        return render_html(report, self.gallery())
+            return render_html(report, self.gallery())
+        except Exception:
+            log.exception("the report page could not be rendered; report.json holds every number")
+            return None
 
-    @torch.no_grad()
     def gallery(self, pairs: int = 4) -> dict:
         """Generated examples along the ε list for a few (source → target) pairs of test images: the original,
         its reconstruction G(Φ(x)), then G(z + ε·β⊙d) for every ε (the paper's Fig. 7/10)."""
@@ -278,19 +288,34 @@ class Run:
         eps = adv["calibration"].eps
         gen = torch.Generator().manual_seed(stage_seed(self.cfg.seed, "evaluate") + 202)
         classes = torch.randperm(self.spec.num_classes, generator=gen).tolist()
-        g = gfit.build().eval()
-        out = []
+        picked = []  # (source, target, test index)
         for k in range(min(pairs, self.spec.num_classes)):
             s, t = classes[k], classes[(k + 1) % len(classes)]
             idx = (self.test.y == s).nonzero().squeeze(1)
-            if len(idx) == 0:
-                continue
-            x = self.test.x[idx[torch.randint(len(idx), (1,), generator=gen)]]
-            z = self.split.features(x)
-            step = boundary.direction(z, torch.tensor([s]), torch.tensor([t]))
-            images = [x[0], g(z)[0], *(g(z + e * step)[0] for e in eps)]
-            out.append({"source": s, "target": t, "images": torch.stack(images).numpy()})
-        return {"eps": eps, "pairs": out}
+            if len(idx):
+                picked.append((s, t, int(idx[torch.randint(len(idx), (1,), generator=gen)])))
+        if not picked:
+            return {"eps": eps, "pairs": []}
+        src, tgt, idx = (torch.tensor(c) for c in zip(*picked))
+        x = self.test.x[idx]
+        z = extract_latents(self.split, x)
+        step = directions(boundary, z, src, tgt, "boundary", gen)
+        rows = generate(gfit.build(), self.model, z, src, tgt, step, [0.0, *eps]).x.view(len(eps) + 1, len(x), *x.shape[1:])
+        return {"eps": eps, "pairs": [{"source": s, "target": t, "images": torch.cat([x[k : k + 1], rows[:, k]]).numpy()}
+                                      for k, (s, t, _) in enumerate(picked)]}
+
+    def calibration(self, adv: dict) -> dict:
+        """The ε list of the adversarial stage's output, with latent crossing and image flip rates per ε."""
+        return {
+            "mode": "raw" if self.cfg.perturb.eps is not None else "quantiles",
+            "table": [
+                {**row, "image_flip_rate": adv["examples"]["ladder"].image_flip_rate[i]}
+                for i, row in enumerate(adv["calibration"].table())
+            ],
+            "variant_crossing_rate": adv["variant_crossing_rate"],
+            "curve": {"eps": adv["calibration"].grid_eps, "crossing_rate": adv["calibration"].grid_crossing_rate},
+            "examples": len(adv["examples"]["ladder"].y),
+        }
 
     def report(self, stage_seconds: dict[str, float] | None = None) -> dict:
         """The evaluation report of the run (stage times: this process's, unless given)."""
@@ -317,16 +342,7 @@ class Run:
                 "preset": gfit.preset, "epochs": gfit.epochs, "stopped": gfit.stopped,
                 **fidelity(gfit.build(), self.model, z[hold], train.x[hold], train.y[hold], train.x),
             },
-            "calibration": {
-                "mode": "raw" if cfg.perturb.eps is not None else "quantiles",
-                "table": [
-                    {**row, "image_flip_rate": adv["examples"]["ladder"].image_flip_rate[i]}
-                    for i, row in enumerate(adv["calibration"].table())
-                ],
-                "variant_crossing_rate": adv["variant_crossing_rate"],
-                "curve": {"eps": adv["calibration"].grid_eps, "crossing_rate": adv["calibration"].grid_crossing_rate},
-                "examples": len(adv["examples"]["ladder"].y),
-            },
+            "calibration": self.calibration(adv),
             "finetune": {"loss": tuned["loss"], "seconds": tuned["seconds"]},
             "surrogate": ev["surrogate"],
             "evaluation": ev["evaluation"],

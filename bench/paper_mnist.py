@@ -1,0 +1,305 @@
+"""The paper's MNIST table (LADDER, Table 2: LeNet, black-box), from scratch on full MNIST, with one seed.
+
+    .venv/bin/python bench/paper_mnist.py --seed 0
+        → bench/results/paper_mnist.json (shaped like report.json) and bench/results/paper_mnist.md
+    .venv/bin/python bench/paper_mnist.py --seed 1 --core --out bench/results/paper_mnist_seed1.json
+        (vanilla, control and LADDER only: the spread over seeds)
+    .venv/bin/python bench/paper_mnist.py --smoke --data mnist5k --out /tmp/smoke.json
+        (the same code on 3,000 digits in about two minutes; tests/test_paper_bench.py runs it)
+
+The protocol (issue 5; docs/paper-reproduction.md reads the results):
+  1. vanilla LeNet as in the paper: SGD lr 0.01, momentum 0.5, batch 64, 10 epochs, normalisation
+     inside the model, on the 60,000 training digits; clean accuracy on all 10,000 test digits;
+  2. LADDER's stages through the service's own pipeline (`Run`): latents, boundary, generator, then
+     450 source images per class (4,500) with random targets at the calibrated ε list;
+  3. every defence fine-tuned from the vanilla weights with the same data (the 60,000 digits) and
+     the same budget (`--finetune-epochs`, batch 64, SGD lr 0.01, momentum 0.5): control (clean only),
+     FGSM-AT, PGD-AT, TRADES, LADDER, TRADES+LADDER, LADDER_Random, LADDER_cavRandom; plus
+     `ladder_raw_eps`, LADDER trained on a raw ε list spanning the authors' 0.5…25, to show what
+     calibration changes (reported under `extra_models`, outside the ranking);
+  4. the surrogate ("black") model, SmallCNN, 10 epochs on the same data; every pixel attack is
+     crafted on it and transferred: FGSM and PGD (L∞ ε = 0.3, untargeted) on 450 test digits per
+     class, CW-L2 and JSMA targeted on 50 per class × 9 targets, AutoAttack (standard) on 100 per
+     class; the LADDER attack (Table 8) white-box on the 4,500;
+  5. the average rank over the clean and black-box attack columns among the nine models.
+Wall time of each part, the machine and the goals of the issue are in the JSON.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.cli import load_data  # noqa: E402
+from services.datasets import ImageData, channels_first, stratified_split  # noqa: E402
+from services.method.config import LadderConfig  # noqa: E402
+from services.method.finetune import accuracy, fit  # noqa: E402
+from services.method.models import ModelSpec, build_classifier  # noqa: E402
+from services.method.pipeline import STAGES, MemoryStore, Run  # noqa: E402
+from services.method.rank import report_ranks  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mnist"
+SPEC = ModelSpec(architecture="lenet", num_classes=10, input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081])
+MODELS = ("vanilla", "control", "fgsm_at", "pgd_at", "trades", "ladder", "trades_ladder", "ladder_random", "ladder_cavrandom")
+BASELINES = ["fgsm_at", "pgd_at", "trades", "trades_ladder", "ladder_random", "ladder_cavrandom"]
+COLUMNS = ("fgsm", "jsma", "pgd", "cw", "song", "autoattack")  # the paper's column order
+NAMES = {"vanilla": "vanilla", "control": "control (clean fine-tuning)", "fgsm_at": "FGSM-AT", "pgd_at": "PGD-AT",
+         "trades": "TRADES", "ladder": "LADDER", "trades_ladder": "TRADES+LADDER", "ladder_random": "LADDER_Random",
+         "ladder_cavrandom": "LADDER_cavRandom", "ladder_raw_eps": "LADDER, raw ε"}
+# ε spanning the authors' MNIST list (0.5 … 25, method.md), geometric, as many values as the calibrated list
+RAW_EPS = [0.5, 1.33, 3.54, 9.4, 25.0]
+# the paper's Table 2 (MNIST, LeNet, black-box), accuracy %; Table 8 for the white-box LADDER attack
+PAPER = {
+    "vanilla": {"clean": 99.13, "fgsm": 46.6, "jsma": 93.91, "pgd": 29.93, "cw": 99.09, "song": 99.82, "autoattack": 99.56,
+                "rank": 3.57, "ladder_attack": 69.78},
+    "fgsm_at": {"clean": 92.31, "fgsm": None, "jsma": 83.67, "pgd": 80.91, "cw": 90.58, "song": 95.53, "autoattack": 92.22,
+                "rank": 6.50},
+    "pgd_at": {"clean": 90.79, "fgsm": 76.2, "jsma": 83.31, "pgd": None, "cw": 90.67, "song": 94.44, "autoattack": 90.36,
+               "rank": 7.00},
+    "trades": {"clean": 98.44, "fgsm": 60.8, "jsma": 92.6, "pgd": 52.31, "cw": 98.4, "song": 99.8, "autoattack": 98.71},
+    "ladder": {"clean": 99.12, "fgsm": 55.8, "jsma": 93.13, "pgd": 49.2, "cw": 98.9, "song": 99.82, "autoattack": 99.36,
+               "rank": 3.29, "ladder_attack": 98.23},
+    "trades_ladder": {"clean": 98.94, "fgsm": 54.8, "jsma": 93.36, "pgd": 52.04, "cw": 98.78, "song": 99.82,
+                      "autoattack": 99.78},
+}
+
+
+def log(msg: str, t0: float = time.perf_counter()) -> None:
+    print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
+
+
+class Ticker:
+    """Progress lines: one per stage and every tenth of it (a 90-minute run must show it is alive)."""
+
+    def __init__(self) -> None:
+        self.last: tuple[str, int] | None = None
+
+    def __call__(self, stage: str, fraction: float, metrics: dict) -> None:
+        key = (stage, int(fraction * 10))
+        if key != self.last:
+            self.last = key
+            shown = " ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:2] if isinstance(v, float))
+            log(f"{stage} {100 * fraction:3.0f} % {shown}")
+
+
+def per_class(data: ImageData, k: int, seed: int) -> ImageData:
+    """k random samples of every class, in index order."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = [(data.y == c).nonzero().squeeze(1) for c in range(10)]
+    return data.subset(torch.cat([i[torch.randperm(len(i), generator=gen)[:k]] for i in idx]).sort().values)
+
+
+def configure(args: argparse.Namespace) -> LadderConfig:
+    """The run's LadderConfig: the pipeline's defaults with the paper's protocol (module docstring)."""
+    per_class_cap = 10 * args.cw_per_class
+    cfg = {
+        "seed": args.seed,
+        "variants": [] if args.core else BASELINES,
+        "perturb": {"samples_per_class": args.sources_per_class},
+        "finetune": {"epochs": args.finetune_epochs},
+        "evaluate": {
+            "attacks": ["fgsm", "pgd", "cw", "jsma", "autoattack", "ladder"],
+            "settings": ["whitebox", "blackbox"], "whitebox_attacks": ["ladder"], "max_samples": None,
+            "cw": {"targets": "all", "max_samples": per_class_cap},
+            "jsma": {"targets": "all", "max_samples": per_class_cap},
+            "autoattack": {"max_samples": 10 * args.autoattack_per_class},
+        },
+    }
+    if args.smoke:  # the same code path on small data: caps and epochs only
+        cfg["boundary"] = {"samples_per_class": 60, "holdout_per_class": 20, "attention_steps": 5}
+        cfg["generator"] = {"max_epochs": 2}
+        cfg["perturb"]["calibration_samples"] = 200
+        ev = cfg["evaluate"]
+        ev.update(surrogate_epochs=1, attack={"pgd_steps": 5})
+        ev["cw"].update(binary_search_steps=2, max_iter=10)
+        cfg["baselines"] = {"pgd_steps": 2}
+    return LadderConfig.model_validate(cfg)
+
+
+def goals(models: dict, ranks: dict) -> list[dict]:
+    """The issue's goals, each with the numbers it was judged on."""
+    v, lad = models["vanilla"], models["ladder"]
+    bb = lambda m, a: m["attacks"]["blackbox"][a]["accuracy"]  # noqa: E731
+    out = [
+        {"goal": "vanilla LeNet clean accuracy ≥ 99.0 % (the whole test set)",
+         "value": v["clean_accuracy"], "met": v["clean_accuracy"] >= 0.99},
+        {"goal": "LADDER clean accuracy ≥ vanilla − 0.1 points (the whole test set)",
+         "value": lad["clean_accuracy"] - v["clean_accuracy"],
+         "met": lad["clean_accuracy"] >= v["clean_accuracy"] - 0.001},
+        {"goal": "LADDER's transfer FGSM gain over vanilla ≥ the paper's +9.2 points",
+         "value": bb(lad, "fgsm") - bb(v, "fgsm"), "met": bb(lad, "fgsm") - bb(v, "fgsm") >= 0.092},
+        {"goal": "LADDER's transfer PGD gain over vanilla ≥ the paper's +19.3 points",
+         "value": bb(lad, "pgd") - bb(v, "pgd"), "met": bb(lad, "pgd") - bb(v, "pgd") >= 0.193},
+    ]
+    if "ladder_random" in ranks:
+        defences = {k: r for k, r in ranks.items() if k not in ("vanilla", "control")}
+        best = min(defences.values())
+        out.append({"goal": "LADDER has the best average rank among all defences", "value": ranks["ladder"],
+                    "best": sorted(k for k, r in defences.items() if r == best), "met": ranks["ladder"] == best})
+        out.append({"goal": "LADDER beats LADDER_Random and LADDER_cavRandom on average rank",
+                    "value": {k: ranks[k] for k in ("ladder", "ladder_random", "ladder_cavrandom")},
+                    "met": ranks["ladder"] < min(ranks["ladder_random"], ranks["ladder_cavrandom"])})
+    return out
+
+
+def markdown(result: dict) -> str:
+    """Our table in the paper's layout beside the paper's numbers, then the white-box LADDER attack."""
+    models, ranks = result["models"], result["average_rank"]["blackbox"]
+    pct = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    head = ["clean", "FGSM", "JSMA", "PGD", "CW", "Song", "AutoAttack", "avg rank"]
+    lines = [f"Seed {result['seed']}. Black-box: every attack crafted on the surrogate "
+             f"({result['surrogate']['architecture']}, clean {pct(result['surrogate']['clean_accuracy'])} %) and "
+             f"transferred. Accuracy %, ours / paper; – : the attack a model was trained on (left out of its rank) "
+             f"or no paper number; Song: not implemented.", "",
+             "| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for name in [*models, *result.get("extra_models", {})]:
+        m = models.get(name) or result["extra_models"][name]
+        paper = PAPER.get(name, {})
+        cells = [f"{pct(m['clean_accuracy'])} / {paper.get('clean', '–')}"]
+        for a in COLUMNS:
+            cell = m["attacks"]["blackbox"].get(a)
+            ours = "n/a" if cell is None else ("–" if m.get("trained_on") == a else pct(cell["accuracy"]))
+            theirs = paper.get(a)
+            cells.append(f"{ours} / {'–' if theirs is None else theirs}")
+        rank = ranks.get(name)
+        cells.append(f"{'–' if rank is None else f'{rank:.2f}'} / {paper.get('rank', '–')}")
+        lines.append(f"| {NAMES[name]} | " + " | ".join(cells) + " |")
+    lines += ["", "White-box LADDER attack (paper Table 8; examples from the vanilla model's generator and boundary), "
+              "accuracy %, ours / paper:", "", "| model | LADDER attack |", "|---|---|"]
+    for name in [*models, *result.get("extra_models", {})]:
+        m = models.get(name) or result["extra_models"][name]
+        cell = m["attacks"].get("whitebox", {}).get("ladder")
+        lines.append(f"| {NAMES[name]} | {'n/a' if cell is None else pct(cell['accuracy'])} / "
+                     f"{PAPER.get(name, {}).get('ladder_attack', '–')} |")
+    lines += ["", "Goals:", ""]
+    for g in result["goals"]:
+        value = g["value"]
+        shown = f"{100 * value:+.2f} points" if "points" in g["goal"] else (
+            f"{100 * value:.2f} %" if "%" in g["goal"] else
+            json.dumps({k: round(v, 2) for k, v in value.items()} if isinstance(value, dict) else round(value, 2)))
+        lines.append(f"- {'met' if g['met'] else 'NOT met'}: {g['goal']} ({shown})")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="a folder of MNIST IDX files, or mnist5k")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "paper_mnist.json"))
+    p.add_argument("--core", action="store_true", help="vanilla, control and LADDER only (for the spread over seeds)")
+    p.add_argument("--smoke", action="store_true", help="small data, small caps: checks the code, not the method")
+    p.add_argument("--vanilla-epochs", type=int, default=10)
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--sources-per-class", type=int, default=450)
+    p.add_argument("--test-per-class", type=int, default=450)
+    p.add_argument("--cw-per-class", type=int, default=50, help="CW-L2 and JSMA: points per class (× 9 targets)")
+    p.add_argument("--autoattack-per-class", type=int, default=100)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.vanilla_epochs, args.finetune_epochs = min(args.vanilla_epochs, 2), 1
+        args.sources_per_class, args.test_per_class, args.cw_per_class, args.autoattack_per_class = 20, 20, 2, 2
+    torch.set_num_threads(args.threads)
+    started, wall = time.perf_counter(), {}
+
+    def part(name: str, since: float) -> float:
+        wall[name] = round(time.perf_counter() - since, 1)
+        log(f"{name}: {wall[name]} s")
+        return time.perf_counter()
+
+    t = time.perf_counter()
+    train, full_test = (channels_first(load_data(args.data, "MNIST", s)) for s in ("train", "t10k"))
+    if args.data == "mnist5k":  # one file: split it as `ladder train` does
+        train, full_test = stratified_split(train, 0.2, 0)
+    if args.smoke:
+        train = stratified_split(train, 3000 / len(train), args.seed)[1]
+    test = per_class(full_test, args.test_per_class, args.seed)
+    t = part("load data", t)
+
+    torch.manual_seed(args.seed)
+    vanilla = build_classifier(SPEC)
+    fit(vanilla, train.x, train.y, epochs=args.vanilla_epochs, lr=0.01, momentum=0.5, batch_size=64, seed=args.seed,
+        stage="vanilla", progress=Ticker())
+    t = part("vanilla LeNet", t)
+
+    cfg = configure(args)
+    run = Run(vanilla, SPEC, train, test, cfg, MemoryStore(), Ticker())
+    for stage in STAGES[:4]:
+        run.output(stage)
+    t = part("LADDER stages (latents, boundary, generator, examples)", t)
+    tuned = run.output("finetune")
+    t = part(f"fine-tuning ({len(tuned['weights'])} models × {args.finetune_epochs} epochs)", t)
+
+    raw = None
+    if not args.core:  # LADDER on a raw ε list: the stages before it are shared, not recomputed
+        raw = Run(vanilla, SPEC, train, test, cfg.model_copy(update={
+            "variants": [], "perturb": cfg.perturb.model_copy(update={"eps": RAW_EPS})}), MemoryStore(), Ticker())
+        for stage in STAGES[:3]:
+            raw.store.save(stage, run.output(stage))
+        raw_adv = raw.output("adversarial")
+        tick = time.perf_counter()
+        weights, loss = raw.finetune_one(raw.trainings(raw_adv)["ladder"], Ticker())
+        tuned["weights"]["ladder_raw_eps"], tuned["loss"]["ladder_raw_eps"] = weights, loss
+        tuned["seconds"]["ladder_raw_eps"] = time.perf_counter() - tick  # evaluated with the others, below
+        t = part("LADDER on the raw ε list (examples and fine-tuning)", t)
+
+    run.output("evaluate")
+    t = part("evaluation (surrogate training and every attack)", t)
+    report = run.report()
+    models = {}
+    extra = {}
+    for name, model in run.models().items():
+        entry = report["models"][name]
+        # the paper's clean column is the whole test set; the evaluated 4,500's is kept beside it
+        entry["clean_accuracy_evaluated"] = entry["clean_accuracy"]
+        entry["clean_accuracy"] = accuracy(model, full_test.x, full_test.y)
+        (extra if name == "ladder_raw_eps" else models)[name] = entry
+    ranks = report_ranks(models, ["blackbox"])
+    result = {
+        "schema": "ladder.paper_mnist/1",
+        "seed": args.seed,
+        "command": "bench/paper_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "protocol": {
+            "train": len(train), "test_full": len(full_test), "test_evaluated": len(test),
+            "vanilla": {"architecture": "lenet", "epochs": args.vanilla_epochs, "lr": 0.01, "momentum": 0.5, "batch_size": 64},
+            "finetune_epochs": args.finetune_epochs, "sources_per_class": args.sources_per_class,
+            "raw_eps": RAW_EPS if raw is not None else None, "smoke": args.smoke,
+        },
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "device": "cpu"},
+        "wall_seconds": {**wall, "total": round(time.perf_counter() - started, 1)},
+        "models": models,
+        "extra_models": extra,
+        "average_rank": {"blackbox": ranks.get("blackbox", {})},
+        "surrogate": report["surrogate"],
+        "calibration": report["calibration"],
+        "raw_calibration": raw.calibration(raw.output("adversarial")) if raw is not None else None,
+        "evaluation": report["evaluation"],
+        "finetune": report["finetune"],
+        "stage_seconds": report["stage_seconds"],
+        "seeds": report["seeds"],
+        "config": report["config"],
+        "versions": report["versions"],
+        "paper": PAPER,
+    }
+    result["goals"] = goals(models, result["average_rank"]["blackbox"])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    log(f"wrote {out} and {out.with_suffix('.md')} ({result['wall_seconds']['total']} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
