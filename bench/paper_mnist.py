@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         "extra_models": extra,
         "average_rank": {"blackbox": ranks.get("blackbox", {})},
         "surrogate": report["surrogate"],
+        "boundary": report["boundary"],
+        "generator": report["generator"],
         "calibration": report["calibration"],
         "raw_calibration": raw.calibration(raw.output("adversarial")) if raw is not None else None,
         "evaluation": report["evaluation"],
