@@ -38,11 +38,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.cli import load_data  # noqa: E402
-from services.datasets import ImageData, channels_first, stratified_split  # noqa: E402
+from services.datasets import channels_first, stratified_split  # noqa: E402
 from services.method.config import LadderConfig  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
 from services.method.models import ModelSpec, build_classifier  # noqa: E402
-from services.method.pipeline import STAGES, MemoryStore, Run  # noqa: E402
+from services.method.pipeline import STAGES, MemoryStore, Run, per_class  # noqa: E402
 from services.method.rank import report_ranks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,13 +88,6 @@ class Ticker:
             self.last = key
             shown = " ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:2] if isinstance(v, float))
             log(f"{stage} {100 * fraction:3.0f} % {shown}")
-
-
-def per_class(data: ImageData, k: int, seed: int) -> ImageData:
-    """k random samples of every class, in index order."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = [(data.y == c).nonzero().squeeze(1) for c in range(10)]
-    return data.subset(torch.cat([i[torch.randperm(len(i), generator=gen)[:k]] for i in idx]).sort().values)
 
 
 def configure(args: argparse.Namespace) -> LadderConfig:
@@ -221,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         train, full_test = stratified_split(train, 0.2, 0)
     if args.smoke:
         train = stratified_split(train, 3000 / len(train), args.seed)[1]
-    test = per_class(full_test, args.test_per_class, args.seed)
+    test = full_test.subset(per_class(full_test.y, args.test_per_class, torch.Generator().manual_seed(args.seed)))
     t = part("load data", t)
 
     torch.manual_seed(args.seed)

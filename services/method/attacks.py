@@ -166,8 +166,11 @@ def autoattack_attacks(cfg: AutoAttackConfig, num_classes: int) -> list[str]:
     """The attacks AutoAttack runs for this version and class count (the targeted ones need ≥ 4 classes)."""
     from pyautoattack import AutoAttack
 
-    probe = AutoAttack(nn.Identity(), eps=0.3, version=cfg.version)
-    return [a for a in probe.attacks_to_run if num_classes >= 4 or a not in ("apgd-t", "fab-t")]
+    return _runnable(AutoAttack(nn.Identity(), eps=0.3, version=cfg.version).attacks_to_run, num_classes)
+
+
+def _runnable(attacks: list[str], num_classes: int) -> list[str]:
+    return [a for a in attacks if num_classes >= 4 or a not in ("apgd-t", "fab-t")]
 
 
 def autoattack_info(cfg: AutoAttackConfig, num_classes: int, warnings: list[str]) -> dict:
@@ -186,7 +189,7 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, cf
     num_classes = int(model(x[:1]).shape[1])
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     aa = AutoAttack(model, eps=cfg.eps, norm="Linf", seed=seed, version=cfg.config.version, device=x.device)
-    wanted = autoattack_attacks(cfg.config, num_classes)
+    wanted = _runnable(aa.attacks_to_run, num_classes)  # the list autoattack_attacks reports, without a second instance
     if wanted != aa.attacks_to_run:  # too few classes for the targeted attacks: the standard list minus those
         aa.attacks_to_run = wanted
         cfg.warnings.append(f"{num_classes} classes: AutoAttack runs {', '.join(wanted)} only")

@@ -87,7 +87,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def _per_class(y: torch.Tensor, k: int | None, gen: torch.Generator) -> torch.Tensor:
+def per_class(y: torch.Tensor, k: int | None, gen: torch.Generator) -> torch.Tensor:
     """Indices of up to k samples of every class (all when k is None), sorted."""
     if k is None:
         return torch.arange(len(y))
@@ -173,7 +173,7 @@ class Run:
         cfg, y, progress = self.cfg, self.train.y, self.progress
         generator = gfit.build()
         gen = torch.Generator().manual_seed(stage_seed(cfg.seed, "adversarial"))
-        src = _per_class(y, cfg.perturb.samples_per_class, gen)
+        src = per_class(y, cfg.perturb.samples_per_class, gen)
         src = src[torch.randperm(len(src), generator=gen)]  # calibration and flip checks take leading rows: mix classes
         zs, ys = z[src], y[src]
         targets = random_targets(ys, self.spec.num_classes, gen)
