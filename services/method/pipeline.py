@@ -169,16 +169,23 @@ class Run:
     def _generator(self, z: Tensor, boundary: Any) -> Any:
         return train_generator(z, self.train.x, self.cfg.generator, stage_seed(self.cfg.seed, "generator"), self.progress)
 
-    def _adversarial(self, z: Tensor, boundary: Any, gfit: Any) -> dict:
-        cfg, y, progress = self.cfg, self.train.y, self.progress
-        generator = gfit.build()
+    def sources(self, z: Tensor, boundary: Any, variants: list[str]) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """The adversarial stage's inputs: source latents and labels (`perturb.samples_per_class` per class, classes
+        mixed), a random target each, and the latent step of LADDER and of each named LADDER variant."""
+        cfg, y = self.cfg, self.train.y
         gen = torch.Generator().manual_seed(stage_seed(cfg.seed, "adversarial"))
         src = per_class(y, cfg.perturb.samples_per_class, gen)
         src = src[torch.randperm(len(src), generator=gen)]  # calibration and flip checks take leading rows: mix classes
         zs, ys = z[src], y[src]
         targets = random_targets(ys, self.spec.num_classes, gen)
         steps = {name: directions(boundary, zs, ys, targets, VARIANT_DIRECTIONS[name], gen, cfg.perturb.cav_noise)
-                 for name in ["ladder", *(v for v in cfg.variants if v in LADDER_VARIANTS)]}
+                 for name in ["ladder", *(v for v in variants if v in LADDER_VARIANTS)]}
+        return zs, ys, targets, steps
+
+    def _adversarial(self, z: Tensor, boundary: Any, gfit: Any) -> dict:
+        cfg, progress = self.cfg, self.progress
+        generator = gfit.build()
+        zs, ys, targets, steps = self.sources(z, boundary, cfg.variants)
         cal_n = min(len(zs), cfg.perturb.calibration_samples)
         head = self.split.head
         cal = calibrate(head, zs[:cal_n], steps["ladder"][:cal_n], targets[:cal_n], cfg.perturb.crossing_quantiles, cfg.perturb.eps)
