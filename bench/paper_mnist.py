@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.cli import load_data  # noqa: E402
-from services.datasets import channels_first, stratified_split  # noqa: E402
+from services.datasets import ImageData, channels_first, stratified_split  # noqa: E402
 from services.method.config import LadderConfig  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
 from services.method.models import ModelSpec, build_classifier  # noqa: E402
@@ -70,6 +70,17 @@ PAPER = {
     "trades_ladder": {"clean": 98.94, "fgsm": 54.8, "jsma": 93.36, "pgd": 52.04, "cw": 98.78, "song": 99.82,
                       "autoattack": 99.78},
 }
+
+
+def load_mnist(data: str, smoke: bool, seed: int) -> tuple[ImageData, ImageData]:
+    """Training and test digits: the IDX folder's two files, or mnist5k split as `ladder train` does;
+    `smoke` keeps 3,000 training digits."""
+    train, test = (channels_first(load_data(data, "MNIST", s)) for s in ("train", "t10k"))
+    if data == "mnist5k":  # one file
+        train, test = stratified_split(train, 0.2, 0)
+    if smoke:
+        train = stratified_split(train, 3000 / len(train), seed)[1]
+    return train, test
 
 
 def log(msg: str, t0: float = time.perf_counter()) -> None:
@@ -209,11 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter()
 
     t = time.perf_counter()
-    train, full_test = (channels_first(load_data(args.data, "MNIST", s)) for s in ("train", "t10k"))
-    if args.data == "mnist5k":  # one file: split it as `ladder train` does
-        train, full_test = stratified_split(train, 0.2, 0)
-    if args.smoke:
-        train = stratified_split(train, 3000 / len(train), args.seed)[1]
+    train, full_test = load_mnist(args.data, args.smoke, args.seed)
     test = full_test.subset(per_class(full_test.y, args.test_per_class, torch.Generator().manual_seed(args.seed)))
     t = part("load data", t)
 

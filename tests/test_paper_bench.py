@@ -34,3 +34,25 @@ def test_paper_mnist_smoke_run_writes_the_table_and_a_report_shaped_json(tmp_pat
     table = out.with_suffix(".md").read_text()
     assert "| LADDER |" in table and "| LADDER, raw ε |" in table and "/ 99.13" in table  # ours beside the paper's
     assert result["wall_seconds"]["total"] > 0 and "evaluation (surrogate training and every attack)" in result["wall_seconds"]
+
+
+@pytest.mark.slow
+def test_ladder_recipes_smoke_run_scores_every_recipe_on_shared_examples(tmp_path):
+    out = tmp_path / "recipes.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "ladder_recipes.py"), "--smoke", "--data", "mnist5k",
+                        "--threads", "2", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    names = ["vanilla", "control", "ladder", "ladder_random", "ladder_cavrandom", "ladder_high_eps",
+             "ladder_random_high_eps", "ladder_cavrandom_high_eps"]
+    assert list(result["models"]) == names
+    models = result["models"]
+    assert result["protocol"]["attacked"] == 50  # 5 per class in smoke mode
+    for name in names:
+        assert all(0 <= models[name][k] <= 1 for k in ("clean", "fgsm", "pgd")), name
+    # an ablation changes the direction only: the same ε list as LADDER's at the same quantiles
+    assert models["ladder_random"]["eps"] == models["ladder"]["eps"] == models["ladder_cavrandom"]["eps"]
+    assert models["ladder_high_eps"]["eps"] == models["ladder_random_high_eps"]["eps"]
+    assert max(models["ladder_high_eps"]["eps"]) > max(models["ladder"]["eps"])
+    assert "eps" not in models["control"] and len(models["ladder"]["leaves_source"]) == len(models["ladder"]["eps"])
+    assert "| ladder_random_high_eps |" in out.with_suffix(".md").read_text()

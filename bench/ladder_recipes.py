@@ -1,0 +1,163 @@
+"""Which LADDER examples make LeNet robust? Recipes compared on full MNIST with one seed (issue 5's follow-up).
+
+    .venv/bin/python bench/ladder_recipes.py --seed 0
+        → bench/results/ladder_recipes.json and bench/results/ladder_recipes.md (about 20 minutes on 2 cores)
+
+The paper bench (bench/paper_mnist.py) runs the whole Table 2 protocol once per seed (75 minutes).
+This one holds everything but the examples fixed and varies only how they are made:
+  - the vanilla LeNet (the paper's recipe), the latents, the boundary and the generator are trained once,
+    as bench/paper_mnist.py --core does, except that the generator always trains to its epoch limit (15)
+    instead of stopping at a wall-time cap, so the numbers do not depend on the machine's speed;
+  - every recipe fine-tunes a copy of the vanilla weights with the pipeline's own `Run.finetune_one`
+    (3 epochs, α = 0.5, SGD lr 0.01, momentum 0.5, batch 64, the same seed), on the same 4,500
+    sources and random targets (`Run.sources`); a recipe changes the ε list or the latent direction;
+  - each model is scored on the whole test set (clean) and on transfer FGSM and PGD (L∞ ε = 0.3,
+    40 steps, random start, crafted once on the SmallCNN surrogate) on 200 test digits per class.
+The recipes: the clean-only control; LADDER at the calibrated ε (crossing quantiles 0.1 … 0.9, the
+service's default) and at larger ε (quantiles 0.5 … 0.99); and at each ε list the two ablations,
+LADDER_Random (a random latent direction of the same norm) and LADDER_cavRandom.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paper_mnist import DEFAULT_DATA, SPEC, configure, load_mnist, log  # noqa: E402
+from services.method.attacks import fgsm, pgd_steps  # noqa: E402
+from services.method.config import AttackConfig  # noqa: E402
+from services.method.finetune import accuracy, fit  # noqa: E402
+from services.method.models import build_classifier, load_net_weights  # noqa: E402
+from services.method.perturb import calibrate, generate  # noqa: E402
+from services.method.pipeline import MemoryStore, Run, per_class, train_surrogate  # noqa: E402
+
+DEFAULT_Q = [0.1, 0.25, 0.5, 0.75, 0.9]
+HIGH_Q = [0.5, 0.75, 0.9, 0.95, 0.99]
+# (name, crossing quantiles of the ε list, latent direction; None = the clean-only control)
+RECIPES = [
+    ("control", None, None),
+    ("ladder", DEFAULT_Q, "ladder"),
+    ("ladder_random", DEFAULT_Q, "ladder_random"),
+    ("ladder_cavrandom", DEFAULT_Q, "ladder_cavrandom"),
+    ("ladder_high_eps", HIGH_Q, "ladder"),
+    ("ladder_random_high_eps", HIGH_Q, "ladder_random"),
+    ("ladder_cavrandom_high_eps", HIGH_Q, "ladder_cavrandom"),
+]
+
+
+def transfer_sets(surrogate: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """FGSM and textbook PGD (no early stop: every point takes every step) crafted on the surrogate."""
+    surrogate.eval()
+    gen, cfg = torch.Generator().manual_seed(seed), AttackConfig()
+    chunks = [(x[i : i + 500], y[i : i + 500]) for i in range(0, len(x), 500)]
+    return {"fgsm": torch.cat([fgsm(surrogate, a, b, None, cfg, gen) for a, b in chunks]),
+            "pgd": torch.cat([pgd_steps(surrogate, a, b, cfg.eps, cfg.pgd_steps, None, True, gen) for a, b in chunks])}
+
+
+def score(model: torch.nn.Module, test, attacked: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
+    """Clean accuracy on the whole test set; accuracy on each transferred set."""
+    return {"clean": accuracy(model, test.x, test.y), **{k: accuracy(model, v, y) for k, v in attacked.items()}}
+
+
+def markdown(result: dict) -> str:
+    """One row per recipe: ε, image flip rate, clean, FGSM, PGD and the gains over vanilla."""
+    v = result["models"]["vanilla"]
+    lines = [f"Seed {result['seed']}, {result['protocol']['finetune_epochs']} fine-tuning epochs, "
+             f"transfer attacks on {result['protocol']['attacked']} test digits. Accuracy %; Δ: points against vanilla.", "",
+             "| model | ε list | vanilla's prediction leaves y (per ε) | clean (Δ) | FGSM (Δ) | PGD (Δ) |", "|---|---|---|---|---|---|"]
+    for name, m in result["models"].items():
+        eps = "–" if m.get("eps") is None else ", ".join(f"{e:.1f}" for e in m["eps"])
+        flips = "–" if m.get("leaves_source") is None else ", ".join(f"{100 * f:.0f}" for f in m["leaves_source"])
+        cells = [f"{100 * m[k]:.2f} ({100 * (m[k] - v[k]):+.2f})" for k in ("clean", "fgsm", "pgd")]
+        lines.append(f"| {name} | {eps} | {flips} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="a folder of MNIST IDX files, or mnist5k")
+    p.add_argument("--smoke", action="store_true", help="small data and budgets: checks the code, not the method")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ladder_recipes.json"))
+    p.add_argument("--attacked-per-class", type=int, default=200)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--recipes", default=",".join(r[0] for r in RECIPES), help="comma-separated subset of the recipes")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    train, test = load_mnist(args.data, args.smoke, args.seed)
+    if args.smoke:
+        args.attacked_per_class = min(args.attacked_per_class, 5)
+    torch.manual_seed(args.seed)
+    vanilla = build_classifier(SPEC)
+    fit(vanilla, train.x, train.y, epochs=1 if args.smoke else 10, lr=0.01, momentum=0.5, batch_size=64, seed=args.seed, stage="vanilla")
+    log(f"vanilla: {accuracy(vanilla, test.x, test.y):.4f}")
+
+    ns = argparse.Namespace(seed=args.seed, core=True, sources_per_class=20 if args.smoke else 450,
+                            finetune_epochs=1 if args.smoke else 3, cw_per_class=50, autoattack_per_class=100, smoke=args.smoke)
+    cfg = configure(ns)
+    cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(update={"time_budget_s": 1e9})})
+    run = Run(vanilla, SPEC, train, test, cfg, MemoryStore())
+    z, boundary, gfit = (run.output(s) for s in ("latents", "boundary", "generator"))
+    generator = gfit.build()
+    zs, ys, targets, steps = run.sources(z, boundary, ["ladder_random", "ladder_cavrandom"])
+    log(f"stages: {json.dumps({k: round(v, 1) for k, v in run.seconds.items()})}, generator epochs {gfit.epochs}")
+
+    surrogate, arch = train_surrogate(SPEC, train, cfg)
+    points = per_class(test.y, args.attacked_per_class, torch.Generator().manual_seed(args.seed + 123))
+    xa, ya = test.x[points], test.y[points]
+    attacked = transfer_sets(surrogate, xa, ya, args.seed + 5)
+    log(f"surrogate {arch}: clean {accuracy(surrogate, test.x, test.y):.4f}")
+
+    chosen = args.recipes.split(",")
+    models = {"vanilla": score(vanilla, test, attacked, ya)}
+    n_cal = cfg.perturb.calibration_samples
+    for name, quantiles, direction in RECIPES:
+        if name not in chosen:
+            continue
+        tick = time.perf_counter()
+        if quantiles is None:
+            how, entry = {"alpha": 1.0}, {}
+        else:  # ε from LADDER's own crossing distances, whatever the direction: the ablations change the direction only
+            eps = calibrate(run.split.head, zs[:n_cal], steps["ladder"][:n_cal], targets[:n_cal], quantiles).eps
+            ex = generate(generator, vanilla, zs, ys, targets, steps[direction], eps)
+            n, m = len(zs), min(len(zs), 1000)
+            with torch.no_grad():  # per ε, how often the vanilla model no longer predicts the source class (m checked)
+                leaves = [(vanilla(ex.x[k * n : k * n + m]).argmax(1) != ys[:m]).float().mean().item() for k in range(len(eps))]
+            how, entry = {"alpha": cfg.finetune.alpha, "extra": (ex.x, ex.y)}, {
+                "quantiles": quantiles, "direction": direction, "eps": eps, "leaves_source": leaves}
+        weights, loss = run.finetune_one(how)
+        model = build_classifier(SPEC)
+        load_net_weights(model, weights)
+        model.eval()
+        models[name] = {**entry, **score(model, test, attacked, ya), "loss": loss, "seconds": round(time.perf_counter() - tick, 1)}
+        m = models[name]
+        log(f"{name}: clean {m['clean']:.4f} fgsm {m['fgsm']:.4f} pgd {m['pgd']:.4f} ({m['seconds']} s)")
+
+    result = {
+        "schema": "ladder.recipes/1", "seed": args.seed,
+        "command": "bench/ladder_recipes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "protocol": {"train": len(train), "test": len(test), "attacked": len(ya), "finetune_epochs": cfg.finetune.epochs,
+                     "alpha": cfg.finetune.alpha, "sources": len(zs), "generator_epochs": gfit.epochs,
+                     "surrogate": arch, "attack": AttackConfig().model_dump()},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "models": models,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
