@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from paper_mnist import DEFAULT_DATA, SPEC, configure, load_mnist, log  # noqa: E402
-from services.method.attacks import fgsm, pgd_steps  # noqa: E402
+from services.method.attacks import fgsm, pgd  # noqa: E402
 from services.method.config import AttackConfig  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
 from services.method.models import build_classifier, load_net_weights  # noqa: E402
@@ -52,13 +52,16 @@ RECIPES = [
 ]
 
 
+TRANSFER = AttackConfig(pgd_early_stop=False)  # as the evaluation crafts transfer PGD: every point takes every step
+
+
 def transfer_sets(surrogate: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
-    """FGSM and textbook PGD (no early stop: every point takes every step) crafted on the surrogate."""
+    """FGSM and textbook PGD crafted on the surrogate."""
     surrogate.eval()
-    gen, cfg = torch.Generator().manual_seed(seed), AttackConfig()
+    gen = torch.Generator().manual_seed(seed)
     chunks = [(x[i : i + 500], y[i : i + 500]) for i in range(0, len(x), 500)]
-    return {"fgsm": torch.cat([fgsm(surrogate, a, b, None, cfg, gen) for a, b in chunks]),
-            "pgd": torch.cat([pgd_steps(surrogate, a, b, cfg.eps, cfg.pgd_steps, None, True, gen) for a, b in chunks])}
+    return {"fgsm": torch.cat([fgsm(surrogate, a, b, None, TRANSFER, gen) for a, b in chunks]),
+            "pgd": torch.cat([pgd(surrogate, a, b, None, TRANSFER, gen) for a, b in chunks])}
 
 
 def score(model: torch.nn.Module, test, attacked: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "bench/ladder_recipes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "protocol": {"train": len(train), "test": len(test), "attacked": len(ya), "finetune_epochs": cfg.finetune.epochs,
                      "alpha": cfg.finetune.alpha, "sources": len(zs), "generator_epochs": gfit.epochs,
-                     "surrogate": arch, "attack": AttackConfig().model_dump()},
+                     "surrogate": arch, "attack": TRANSFER.model_dump()},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "wall_seconds": round(time.perf_counter() - started, 1),
         "models": models,

@@ -11,13 +11,18 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"vanilla", "control", "fgsm_at", "pgd_at", "trades", "ladder", "trades_ladder", "ladder_random", "ladder_cavrandom"}
 
 
+def _smoke(script: str, out: Path) -> dict:
+    """Run a bench script with --smoke on mnist5k; its JSON result."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--data", "mnist5k",
+                        "--threads", "2", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_paper_mnist_smoke_run_writes_the_table_and_a_report_shaped_json(tmp_path):
     out = tmp_path / "paper.json"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "paper_mnist.py"), "--smoke", "--data", "mnist5k",
-                        "--threads", "2", "--out", str(out)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _smoke("paper_mnist.py", out)
     assert set(result["models"]) == MODELS and set(result["extra_models"]) == {"ladder_raw_eps"}
     for name, m in {**result["models"], **result["extra_models"]}.items():
         assert 0 <= m["clean_accuracy"] <= 1
@@ -39,10 +44,7 @@ def test_paper_mnist_smoke_run_writes_the_table_and_a_report_shaped_json(tmp_pat
 @pytest.mark.slow
 def test_ladder_recipes_smoke_run_scores_every_recipe_on_shared_examples(tmp_path):
     out = tmp_path / "recipes.json"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "ladder_recipes.py"), "--smoke", "--data", "mnist5k",
-                        "--threads", "2", "--out", str(out)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _smoke("ladder_recipes.py", out)
     names = ["vanilla", "control", "ladder", "ladder_random", "ladder_cavrandom", "ladder_high_eps",
              "ladder_random_high_eps", "ladder_cavrandom_high_eps"]
     assert list(result["models"]) == names
