@@ -4,6 +4,8 @@
         → bench/results/paper_mnist.json (shaped like report.json) and bench/results/paper_mnist.md
     .venv/bin/python bench/paper_mnist.py --seed 1 --core --out bench/results/paper_mnist_seed1.json
         (vanilla, control and LADDER only: the spread over seeds)
+    .venv/bin/python bench/paper_mnist.py --seed 0 --device cuda --out bench/results/paper_mnist_gpu.json
+        (every stage on the GPU)
     .venv/bin/python bench/paper_mnist.py --smoke --data mnist5k --out /tmp/smoke.json
         (the same code on 3,000 digits in about two minutes; tests/test_paper_bench.py runs it)
 
@@ -207,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cw-per-class", type=int, default=50, help="CW-L2 and JSMA: points per class (× 9 targets)")
     p.add_argument("--autoattack-per-class", type=int, default=100)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu, or cuda to run every stage on the GPU (data stays on the CPU)")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
     if args.smoke:
         args.vanilla_epochs, args.finetune_epochs = min(args.vanilla_epochs, 2), 1
         args.sources_per_class, args.test_per_class, args.cw_per_class, args.autoattack_per_class = 20, 20, 2, 2
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     t = part("load data", t)
 
     torch.manual_seed(args.seed)
-    vanilla = build_classifier(SPEC)
+    vanilla = build_classifier(SPEC).to(device)
     fit(vanilla, train.x, train.y, epochs=args.vanilla_epochs, lr=0.01, momentum=0.5, batch_size=64, seed=args.seed,
         stage="vanilla", progress=Ticker())
     t = part("vanilla LeNet", t)
@@ -274,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             "raw_eps": RAW_EPS if raw is not None else None, "smoke": args.smoke,
         },
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "device": "cpu"},
+                    "torch_threads": torch.get_num_threads(), "device": str(device),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "wall_seconds": {**wall, "total": round(time.perf_counter() - started, 1)},
         "models": models,
         "extra_models": extra,

@@ -6,15 +6,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"vanilla", "control", "fgsm_at", "pgd_at", "trades", "ladder", "trades_ladder", "ladder_random", "ladder_cavrandom"}
 
 
-def _smoke(script: str, out: Path) -> dict:
+def _smoke(script: str, out: Path, *extra: str) -> dict:
     """Run a bench script with --smoke on mnist5k; its JSON result."""
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--data", "mnist5k",
-                        "--threads", "2", "--out", str(out)], capture_output=True, text=True, timeout=900)
+                        "--threads", "2", "--out", str(out), *extra], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -39,6 +40,15 @@ def test_paper_mnist_smoke_run_writes_the_table_and_a_report_shaped_json(tmp_pat
     table = out.with_suffix(".md").read_text()
     assert "| LADDER |" in table and "| LADDER, raw ε |" in table and "/ 99.13" in table  # ours beside the paper's
     assert result["wall_seconds"]["total"] > 0 and "evaluation (surrogate training and every attack)" in result["wall_seconds"]
+    assert result["machine"]["device"] == "cpu" and result["machine"]["gpu"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
+def test_paper_mnist_smoke_run_on_the_gpu(tmp_path):
+    result = _smoke("paper_mnist.py", tmp_path / "paper.json", "--device", "cuda")
+    assert result["machine"]["device"] == "cuda" and result["machine"]["gpu"]
+    assert set(result["models"]) == MODELS and all(0 <= m["clean_accuracy"] <= 1 for m in result["models"].values())
 
 
 @pytest.mark.slow

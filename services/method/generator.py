@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from services.errors import InputError
 from services.method.config import GeneratorConfig
-from services.method.models import eval_mode
+from services.method.models import device_of, eval_mode
 from services.method.progress import Progress, silent
 
 
@@ -92,13 +92,17 @@ def _loss(kind: str, pred: Tensor, x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _evaluate(g: Generator, z: Tensor, x: Tensor, kind: str, batch_size: int) -> float:
-    total = sum(_loss(kind, g(z[i : i + batch_size]), x[i : i + batch_size]).item() * len(z[i : i + batch_size])
+    dev = device_of(g)
+    total = sum(_loss(kind, g(z[i : i + batch_size].to(dev)), x[i : i + batch_size].to(dev)).item() * len(z[i : i + batch_size])
                 for i in range(0, len(z), batch_size))
     return total / len(z)
 
 
-def train_generator(z: Tensor, x: Tensor, cfg: GeneratorConfig, seed: int, progress: Progress = silent) -> GeneratorFit:
-    """Train G on (z, x) pairs: z (N, D) latents of the images x (N, C, H, W)."""
+def train_generator(
+    z: Tensor, x: Tensor, cfg: GeneratorConfig, seed: int, progress: Progress = silent, device: torch.device | str = "cpu",
+) -> GeneratorFit:
+    """Train G on (z, x) pairs: z (N, D) latents of the images x (N, C, H, W), on `device` (the weights it keeps
+    are on the CPU)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     shape = tuple(x.shape[1:])
@@ -106,7 +110,7 @@ def train_generator(z: Tensor, x: Tensor, cfg: GeneratorConfig, seed: int, progr
     order = torch.randperm(len(z), generator=gen)
     n_hold = max(1, int(len(z) * cfg.holdout_fraction))
     hold, train = order[:n_hold], order[n_hold:]
-    g = Generator(z.shape[1], shape, preset)
+    g = Generator(z.shape[1], shape, preset).to(device)
     g.scale.fill_(z[train].pow(2).mean().sqrt().clamp_min(1e-12))
     opt = torch.optim.Adam(g.parameters(), lr=cfg.lr)
     best, best_state, since_best, history = float("inf"), None, 0, []
@@ -116,7 +120,7 @@ def train_generator(z: Tensor, x: Tensor, cfg: GeneratorConfig, seed: int, progr
         perm = train[torch.randperm(len(train), generator=gen)]
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            loss = _loss(cfg.loss, g(z[idx]), x[idx])
+            loss = _loss(cfg.loss, g(z[idx].to(device)), x[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -124,7 +128,7 @@ def train_generator(z: Tensor, x: Tensor, cfg: GeneratorConfig, seed: int, progr
         held = _evaluate(g, z[hold], x[hold], cfg.loss, 1024)
         history.append(held)
         if held < best * (1 - 1e-3):
-            best, best_state, since_best = held, {k: v.clone() for k, v in g.state_dict().items()}, 0
+            best, best_state, since_best = held, {k: v.detach().cpu().clone() for k, v in g.state_dict().items()}, 0
         else:
             since_best += 1
         elapsed = time.perf_counter() - started
@@ -141,10 +145,11 @@ def train_generator(z: Tensor, x: Tensor, cfg: GeneratorConfig, seed: int, progr
 @torch.no_grad()
 def fidelity(g: Generator, classifier: nn.Module, z: Tensor, x: Tensor, y: Tensor, x_train: Tensor) -> dict[str, float]:
     """Held-out reconstruction MSE, the MSE of predicting the mean training image, and f's accuracy on G(z)."""
-    recon = torch.cat([g(z[i : i + 1024]) for i in range(0, len(z), 1024)])
+    g_dev, f_dev = device_of(g), device_of(classifier)
+    recon = torch.cat([g(z[i : i + 1024].to(g_dev)).cpu() for i in range(0, len(z), 1024)])
     with eval_mode(classifier):
-        acc = (classifier(recon).argmax(1) == y).float().mean().item()
-        clean = (classifier(x).argmax(1) == y).float().mean().item()
+        acc = (classifier(recon.to(f_dev)).argmax(1).cpu() == y).float().mean().item()
+        clean = (classifier(x.to(f_dev)).argmax(1).cpu() == y).float().mean().item()
     return {
         "reconstruction_mse": F.mse_loss(recon, x).item(),
         "mean_image_mse": F.mse_loss(x_train.mean(0, keepdim=True).expand_as(x), x).item(),

@@ -9,7 +9,7 @@ checked numerically: h(Φ(x)) must equal f(x).
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -257,7 +257,16 @@ def check_weight_layout(own: dict[str, Tensor], weights: dict[str, tuple[tuple[i
 
 def net_weights(model: Classifier) -> dict[str, Tensor]:
     """The bare network's state dict, contiguous and detached (ready for safetensors)."""
-    return {k: v.detach().contiguous().clone() for k, v in model.net.state_dict().items()}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.net.state_dict().items()}
+
+
+def device_of(module: nn.Module | Callable) -> torch.device:
+    """Where a module's parameters (or, without any, its buffers) live; the CPU for a module with neither.
+    A bound method of a module (LatentSplit.head) answers for its module."""
+    module = getattr(module, "__self__", module)
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 @contextmanager
@@ -352,9 +361,8 @@ def split_latents(model: Classifier, input_shape: tuple[int, int, int], layer: s
     for n in inputs:
         head.graph.erase_node(n)
     _prune(head)
-    model_device = next(iter(model.buffers())).device
     with torch.no_grad():
-        latent_shape = tuple(phi(torch.zeros(1, *input_shape, device=model_device)).shape[1:])
+        latent_shape = tuple(phi(torch.zeros(1, *input_shape, device=device_of(model))).shape[1:])
     return LatentSplit(phi, head, latent_shape, target)
 
 
@@ -362,7 +370,7 @@ def prepare(model: Classifier, spec: ModelSpec, layer: str | None = None) -> Lat
     """Split the model at its latent layer and check that h(Φ(x)) reproduces f(x) on random inputs."""
     split = split_latents(model, spec.input_shape, layer if layer is not None else spec.latent_layer)
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(8, *spec.input_shape, generator=gen).to(next(iter(model.buffers())).device)
+    x = torch.rand(8, *spec.input_shape, generator=gen).to(device_of(model))
     with torch.no_grad(), eval_mode(model):
         logits = model(x)
         again = split.head(split.features(x))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from services.method.boundary import Boundary
-from services.method.models import eval_mode
+from services.method.models import device_of, eval_mode
 from services.method.progress import Progress, silent
 
 Direction = Literal["boundary", "random", "cav_random"]
@@ -48,8 +48,8 @@ def directions(
 
 @torch.no_grad()
 def _crosses(head: nn.Module, z: Tensor, step: Tensor, eps: Tensor, t: Tensor, batch: int = 8192) -> Tensor:
-    """(E, N) bool: does h(z + ε·step) predict t, for every ε in eps."""
-    out = torch.empty(len(eps), len(z), dtype=torch.bool)
+    """(E, N) bool: does h(z + ε·step) predict t, for every ε in eps (z, step, t on h's device)."""
+    out = torch.empty(len(eps), len(z), dtype=torch.bool, device=z.device)
     for k, e in enumerate(eps.tolist()):
         for i in range(0, len(z), batch):
             out[k, i : i + batch] = head(z[i : i + batch] + e * step[i : i + batch]).argmax(1) == t[i : i + batch]
@@ -90,8 +90,9 @@ def calibrate(
     head: nn.Module, z: Tensor, step: Tensor, t: Tensor, quantiles: list[float] | None, eps: list[float] | None = None
 ) -> Calibration:
     """Choose ε at the crossing quantiles (or measure a raw ε list) for latents z moved along `step` towards t."""
+    z, step, t = (v.to(device_of(head)) for v in (z, step, t))
     scale = z.norm(dim=1).median().clamp_min(1e-6) / step.norm(dim=1).median().clamp_min(1e-12)
-    grid = scale * torch.logspace(-3, 1, _GRID_POINTS)
+    grid = scale * torch.logspace(-3, 1, _GRID_POINTS, device=z.device)
     crossed = _crosses(head, z, step, grid, t)  # (G, N)
     rate = crossed.float().mean(1)
     if eps is None:
@@ -103,7 +104,7 @@ def calibrate(
     else:
         used_q = None
     measured = _crosses(head, z, step, torch.tensor(eps), t).float().mean(1).tolist()
-    return Calibration(list(map(float, eps)), used_q, measured, grid.tolist(), rate.tolist())
+    return Calibration(list(map(float, eps)), used_q, measured, grid.cpu().tolist(), rate.cpu().tolist())
 
 
 @dataclass
@@ -122,18 +123,20 @@ def generate(
     generator: nn.Module, classifier: nn.Module, z: Tensor, y: Tensor, t: Tensor, step: Tensor, eps: list[float],
     batch_size: int = 1024, progress: Progress = silent,
 ) -> Adversarial:
-    """x̂ = G(z + ε·step) for every sample and ε, as batched forward passes of G."""
+    """x̂ = G(z + ε·step) for every sample and ε, as batched forward passes of G on its device (the examples
+    come back on the CPU)."""
     n = len(z)
     xs, flips = [], []
+    g_dev, f_dev = device_of(generator), device_of(classifier)
     with eval_mode(generator), eval_mode(classifier):
         for k, e in enumerate(eps):
             flipped = checked = 0
             for i in range(0, n, batch_size):
-                x = generator(z[i : i + batch_size] + e * step[i : i + batch_size])
+                x = generator((z[i : i + batch_size] + e * step[i : i + batch_size]).to(g_dev))
                 if checked < _FLIP_CHECKS:  # a sample of each ε is enough for the rate; keeps generation at G's speed
-                    flipped += (classifier(x).argmax(1) == t[i : i + batch_size]).sum().item()
+                    flipped += (classifier(x.to(f_dev)).argmax(1).cpu() == t[i : i + batch_size]).sum().item()
                     checked += len(x)
-                xs.append(x)
+                xs.append(x.cpu())
                 progress("adversarial", (k * n + i + len(x)) / (len(eps) * n), {})
             flips.append(flipped / checked)
     return Adversarial(torch.cat(xs), y.repeat(len(eps)), t.repeat(len(eps)), list(eps), flips)

@@ -29,7 +29,7 @@ from services.method.finetune import accuracy, fit
 from services.method.generator import fidelity, resolve_preset, train_generator
 from services.method.latents import extract_latents
 from services.method.rank import report_ranks
-from services.method.models import Classifier, ModelSpec, build_classifier, load_net_weights, net_weights, prepare
+from services.method.models import Classifier, ModelSpec, build_classifier, device_of, load_net_weights, net_weights, prepare
 from services.method.perturb import calibrate, directions, generate, random_targets
 from services.method.progress import Progress, silent
 
@@ -95,12 +95,14 @@ def per_class(y: torch.Tensor, k: int | None, gen: torch.Generator) -> torch.Ten
     return torch.cat([i[torch.randperm(len(i), generator=gen)[:k]] for i in idx]).sort().values
 
 
-def train_surrogate(spec: ModelSpec, train: ImageData, cfg: LadderConfig, progress: Progress = silent) -> tuple[Classifier, str]:
-    """The black-box surrogate: another architecture trained on the same data (seeded by the run)."""
+def train_surrogate(
+    spec: ModelSpec, train: ImageData, cfg: LadderConfig, progress: Progress = silent, device: torch.device | str = "cpu",
+) -> tuple[Classifier, str]:
+    """The black-box surrogate: another architecture trained on the same data (seeded by the run), on `device`."""
     arch = surrogate_architecture(cfg.evaluate.surrogate_architecture, spec.architecture)
     seed = stage_seed(cfg.seed, "evaluate")
     torch.manual_seed(seed)
-    surrogate = build_classifier(spec.model_copy(update={"architecture": arch, "latent_layer": None}))
+    surrogate = build_classifier(spec.model_copy(update={"architecture": arch, "latent_layer": None})).to(device)
     fit(surrogate, train.x, train.y, epochs=cfg.evaluate.surrogate_epochs, lr=cfg.evaluate.surrogate_lr,
         momentum=cfg.evaluate.surrogate_momentum,
         batch_size=cfg.finetune.batch_size, seed=seed, stage="evaluate", progress=progress)
@@ -130,13 +132,16 @@ def evaluation_points(test: ImageData, cfg: LadderConfig) -> ImageData:
 
 class Run:
     """One LADDER run over a StageStore: `output(stage)` loads a stage's stored output or computes
-    and stores it (its inputs, the earlier stages, likewise), so any process can run any one stage."""
+    and stores it (its inputs, the earlier stages, likewise), so any process can run any one stage.
+    Every stage runs on the model's device (move the model to a GPU to use one); data, latents, examples
+    and stored weights stay on the CPU."""
 
     def __init__(self, model: Classifier, spec: ModelSpec, train: ImageData, test: ImageData, config: LadderConfig,
                  store: StageStore | None = None, progress: Progress = silent):
         self.model, self.spec, self.train, self.test, self.cfg = model, spec, train, test, config
         self.store = store or MemoryStore()
         self.progress = progress
+        self.device = device_of(model)
         self.seconds: dict[str, float] = {}
         self._values: dict[str, Any] = {}
         model.eval()
@@ -167,7 +172,8 @@ class Run:
                             stage_seed(self.cfg.seed, "boundary"), self.progress)
 
     def _generator(self, z: Tensor, boundary: Any) -> Any:
-        return train_generator(z, self.train.x, self.cfg.generator, stage_seed(self.cfg.seed, "generator"), self.progress)
+        return train_generator(z, self.train.x, self.cfg.generator, stage_seed(self.cfg.seed, "generator"), self.progress,
+                               self.device)
 
     def sources(self, z: Tensor, boundary: Any, variants: list[str]) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """The adversarial stage's inputs: source latents and labels (`perturb.samples_per_class` per class, classes
@@ -184,7 +190,7 @@ class Run:
 
     def _adversarial(self, z: Tensor, boundary: Any, gfit: Any) -> dict:
         cfg, progress = self.cfg, self.progress
-        generator = gfit.build()
+        generator = gfit.build().to(self.device)
         zs, ys, targets, steps = self.sources(z, boundary, cfg.variants)
         cal_n = min(len(zs), cfg.perturb.calibration_samples)
         head = self.split.head
@@ -252,7 +258,8 @@ class Run:
         share = 0.0
         if "blackbox" in ev.settings:
             share = 0.15
-            surrogate, arch = train_surrogate(self.spec, self.train, cfg, lambda s, frac, met: progress("evaluate", share * frac, met))
+            surrogate, arch = train_surrogate(self.spec, self.train, cfg, lambda s, frac, met: progress("evaluate", share * frac, met),
+                                              self.device)
         points = evaluation_points(self.test, cfg)
         ladder = self.ladder_attack(boundary, gfit, adv, points) if "ladder" in ev.runs("whitebox") else None
         results = evaluate(self.models(), surrogate, points.x, points.y, ev, seed, self.spec.num_classes, ladder,
@@ -272,7 +279,7 @@ class Run:
         z = extract_latents(self.split, points.x)
         targets = random_targets(points.y, self.spec.num_classes, gen)
         step = directions(boundary, z, points.y, targets, "boundary", gen)
-        ex = generate(gfit.build(), self.model, z, points.y, targets, step, eps, self.cfg.perturb.batch_size)
+        ex = generate(gfit.build().to(self.device), self.model, z, points.y, targets, step, eps, self.cfg.perturb.batch_size)
         n = len(points)
         return Examples(ex.x, torch.arange(n).repeat(len(eps)), {"eps": eps, "targets": "random", "crafted_on": "vanilla"},
                         torch.arange(len(eps)).repeat_interleave(n), eps)
@@ -307,7 +314,7 @@ class Run:
         x = self.test.x[idx]
         z = extract_latents(self.split, x)
         step = directions(boundary, z, src, tgt, "boundary", gen)
-        rows = generate(gfit.build(), self.model, z, src, tgt, step, [0.0, *eps]).x.view(len(eps) + 1, len(x), *x.shape[1:])
+        rows = generate(gfit.build().to(self.device), self.model, z, src, tgt, step, [0.0, *eps]).x.view(len(eps) + 1, len(x), *x.shape[1:])
         return {"eps": eps, "pairs": [{"source": s, "target": t, "images": torch.cat([x[k : k + 1], rows[:, k]]).numpy()}
                                       for k, (s, t, _) in enumerate(picked)]}
 
@@ -347,7 +354,7 @@ class Run:
             },
             "generator": {
                 "preset": gfit.preset, "epochs": gfit.epochs, "stopped": gfit.stopped,
-                **fidelity(gfit.build(), self.model, z[hold], train.x[hold], train.y[hold], train.x),
+                **fidelity(gfit.build().to(self.device), self.model, z[hold], train.x[hold], train.y[hold], train.x),
             },
             "calibration": self.calibration(adv),
             "finetune": {"loss": tuned["loss"], "seconds": tuned["seconds"]},
