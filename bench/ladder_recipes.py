@@ -15,7 +15,10 @@ This one holds everything but the examples fixed and varies only how they are ma
     40 steps, random start, crafted once on the SmallCNN surrogate) on 200 test digits per class.
 The recipes: the clean-only control; LADDER at the calibrated ε (crossing quantiles 0.1 … 0.9, the
 service's default) and at larger ε (quantiles 0.5 … 0.99); and at each ε list the two ablations,
-LADDER_Random (a random latent direction of the same norm) and LADDER_cavRandom.
+LADDER_Random (a random latent direction of the same norm) and LADDER_cavRandom. The `_kept` recipes test
+why the normal loses to a random direction: they drop every generated example the vanilla model no longer
+assigns to its source class (an example labelled with a class it has left is a wrong label), for both
+directions alike.
 """
 
 import argparse
@@ -40,15 +43,18 @@ from services.method.pipeline import MemoryStore, Run, per_class, train_surrogat
 
 DEFAULT_Q = [0.1, 0.25, 0.5, 0.75, 0.9]
 HIGH_Q = [0.5, 0.75, 0.9, 0.95, 0.99]
-# (name, crossing quantiles of the ε list, latent direction; None = the clean-only control)
+# (name, crossing quantiles of the ε list, latent direction, keep only the examples the vanilla model still
+# assigns to their source class; quantiles None = the clean-only control)
 RECIPES = [
-    ("control", None, None),
-    ("ladder", DEFAULT_Q, "ladder"),
-    ("ladder_random", DEFAULT_Q, "ladder_random"),
-    ("ladder_cavrandom", DEFAULT_Q, "ladder_cavrandom"),
-    ("ladder_high_eps", HIGH_Q, "ladder"),
-    ("ladder_random_high_eps", HIGH_Q, "ladder_random"),
-    ("ladder_cavrandom_high_eps", HIGH_Q, "ladder_cavrandom"),
+    ("control", None, None, False),
+    ("ladder", DEFAULT_Q, "ladder", False),
+    ("ladder_random", DEFAULT_Q, "ladder_random", False),
+    ("ladder_cavrandom", DEFAULT_Q, "ladder_cavrandom", False),
+    ("ladder_high_eps", HIGH_Q, "ladder", False),
+    ("ladder_random_high_eps", HIGH_Q, "ladder_random", False),
+    ("ladder_cavrandom_high_eps", HIGH_Q, "ladder_cavrandom", False),
+    ("ladder_high_eps_kept", HIGH_Q, "ladder", True),
+    ("ladder_random_high_eps_kept", HIGH_Q, "ladder_random", True),
 ]
 
 
@@ -74,12 +80,14 @@ def markdown(result: dict) -> str:
     v = result["models"]["vanilla"]
     lines = [f"Seed {result['seed']}, {result['protocol']['finetune_epochs']} fine-tuning epochs, "
              f"transfer attacks on {result['protocol']['attacked']} test digits. Accuracy %; Δ: points against vanilla.", "",
-             "| model | ε list | vanilla's prediction leaves y (per ε) | clean (Δ) | FGSM (Δ) | PGD (Δ) |", "|---|---|---|---|---|---|"]
+             "| model | ε list | vanilla's prediction leaves y, % per ε | examples trained on | clean (Δ) | FGSM (Δ) | PGD (Δ) |",
+             "|---|---|---|---|---|---|---|"]
     for name, m in result["models"].items():
         eps = "–" if m.get("eps") is None else ", ".join(f"{e:.1f}" for e in m["eps"])
         flips = "–" if m.get("leaves_source") is None else ", ".join(f"{100 * f:.0f}" for f in m["leaves_source"])
         cells = [f"{100 * m[k]:.2f} ({100 * (m[k] - v[k]):+.2f})" for k in ("clean", "fgsm", "pgd")]
-        lines.append(f"| {name} | {eps} | {flips} | " + " | ".join(cells) + " |")
+        kept = f"{m['examples']:,}" + (" (kept)" if m.get("keep_source") else "") if "examples" in m else "–"
+        lines.append(f"| {name} | {eps} | {flips} | {kept} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = args.recipes.split(",")
     models = {"vanilla": score(vanilla, test, attacked, ya)}
     n_cal = cfg.perturb.calibration_samples
-    for name, quantiles, direction in RECIPES:
+    for name, quantiles, direction, keep_source in RECIPES:
         if name not in chosen:
             continue
         tick = time.perf_counter()
@@ -131,11 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         else:  # ε from LADDER's own crossing distances, whatever the direction: the ablations change the direction only
             eps = calibrate(run.split.head, zs[:n_cal], steps["ladder"][:n_cal], targets[:n_cal], quantiles).eps
             ex = generate(generator, vanilla, zs, ys, targets, steps[direction], eps)
-            n, m = len(zs), min(len(zs), 1000)
-            with torch.no_grad():  # per ε, how often the vanilla model no longer predicts the source class (m checked)
-                leaves = [(vanilla(ex.x[k * n : k * n + m]).argmax(1) != ys[:m]).float().mean().item() for k in range(len(eps))]
-            how, entry = {"alpha": cfg.finetune.alpha, "extra": (ex.x, ex.y)}, {
-                "quantiles": quantiles, "direction": direction, "eps": eps, "leaves_source": leaves}
+            n = len(zs)
+            with torch.no_grad():  # per example: does the vanilla model still predict the source class?
+                stays = torch.cat([vanilla(ex.x[i : i + 2048]).argmax(1) == ex.y[i : i + 2048] for i in range(0, len(ex.y), 2048)])
+            leaves = [1 - stays[k * n : (k + 1) * n].float().mean().item() for k in range(len(eps))]
+            kept = stays if keep_source else torch.ones_like(stays)
+            how, entry = {"alpha": cfg.finetune.alpha, "extra": (ex.x[kept], ex.y[kept])}, {
+                "quantiles": quantiles, "direction": direction, "eps": eps, "leaves_source": leaves,
+                "keep_source": keep_source, "examples": int(kept.sum())}
         weights, loss = run.finetune_one(how)
         model = build_classifier(SPEC)
         load_net_weights(model, weights)

@@ -56,7 +56,7 @@ def test_ladder_recipes_smoke_run_scores_every_recipe_on_shared_examples(tmp_pat
     out = tmp_path / "recipes.json"
     result = _smoke("ladder_recipes.py", out)
     names = ["vanilla", "control", "ladder", "ladder_random", "ladder_cavrandom", "ladder_high_eps",
-             "ladder_random_high_eps", "ladder_cavrandom_high_eps"]
+             "ladder_random_high_eps", "ladder_cavrandom_high_eps", "ladder_high_eps_kept", "ladder_random_high_eps_kept"]
     assert list(result["models"]) == names
     models = result["models"]
     assert result["protocol"]["attacked"] == 50  # 5 per class in smoke mode
@@ -68,3 +68,10 @@ def test_ladder_recipes_smoke_run_scores_every_recipe_on_shared_examples(tmp_pat
     assert max(models["ladder_high_eps"]["eps"]) > max(models["ladder"]["eps"])
     assert "eps" not in models["control"] and len(models["ladder"]["leaves_source"]) == len(models["ladder"]["eps"])
     assert "| ladder_random_high_eps |" in out.with_suffix(".md").read_text()
+    # the _kept recipes train on the examples the vanilla model still assigns to their source, and no others
+    for kept, full in (("ladder_high_eps_kept", "ladder_high_eps"), ("ladder_random_high_eps_kept", "ladder_random_high_eps")):
+        assert models[kept]["keep_source"] and not models[full]["keep_source"]
+        assert models[kept]["leaves_source"] == models[full]["leaves_source"]
+        stays = sum(1 - f for f in models[full]["leaves_source"]) * result["protocol"]["sources"]
+        assert models[kept]["examples"] == round(stays) < models[full]["examples"]
+
