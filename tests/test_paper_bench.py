@@ -75,3 +75,16 @@ def test_ladder_recipes_smoke_run_scores_every_recipe_on_shared_examples(tmp_pat
         stays = sum(1 - f for f in models[full]["leaves_source"]) * result["protocol"]["sources"]
         assert models[kept]["examples"] == round(stays) < models[full]["examples"]
 
+
+def test_seed_spread_table_from_the_committed_gpu_runs():
+    runs = [ROOT / "bench" / "results" / f"paper_mnist_gpu_seed{s}.json" for s in range(3)]
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), *map(str, runs)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    clean = [100 * json.loads(f.read_text())["models"]["vanilla"]["clean_accuracy"] for f in runs]
+    mean = sum(clean) / 3
+    sd = (sum((c - mean) ** 2 for c in clean) / 2) ** 0.5
+    assert f"| vanilla | {mean:.2f} ± {sd:.2f} |" in r.stdout
+    # a CPU run and a GPU run are different protocols: refused
+    mixed = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), str(ROOT / "bench" / "results" / "paper_mnist.json"),
+                            str(runs[1])], capture_output=True, text=True)
+    assert mixed.returncode == 2 and "compare like with like" in mixed.stderr

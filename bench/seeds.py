@@ -1,0 +1,82 @@
+"""The spread over seeds of bench/paper_mnist.py results: mean ± sample standard deviation per model and column.
+
+    .venv/bin/python bench/seeds.py bench/results/paper_mnist_gpu_seed{0,1,2}.json
+        → a markdown table on stdout (docs/paper-reproduction.md quotes it)
+
+Every file must come from the same protocol (the same command but the seed): the script refuses a mix.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paper_mnist import NAMES  # noqa: E402
+
+COLUMNS = [("clean", None), ("FGSM", "fgsm"), ("JSMA", "jsma"), ("PGD", "pgd"), ("CW", "cw"), ("AutoAttack", "autoattack")]
+
+
+def cell(model: dict, attack: str | None) -> float | None:
+    """Accuracy in % of one column (None: the attack the model was trained on, or not run)."""
+    if attack is None:
+        return 100 * model["clean_accuracy"]
+    entry = model["attacks"]["blackbox"].get(attack)
+    return None if entry is None or model.get("trained_on") == attack else 100 * entry["accuracy"]
+
+
+def spread(values: list[float | None], digits: int = 2) -> str:
+    """'mean ± sd' over the seeds ('–' when a seed has no value)."""
+    if any(v is None for v in values):
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def protocol_key(result: dict) -> dict:
+    """What must be equal across the seeds' files: the protocol and the machine's kind, not the seed."""
+    return {k: v for k, v in result["protocol"].items()} | {"device": result["machine"]["device"]}
+
+
+def table(results: list[dict]) -> str:
+    """Per model: every column and the average rank as mean ± sd; then LADDER − vanilla and the goals per seed."""
+    seeds = [r["seed"] for r in results]
+    head = [c for c, _ in COLUMNS] + ["LADDER attack (white-box)", "avg rank"]
+    lines = [f"Seeds {', '.join(map(str, seeds))}; accuracy %, mean ± sample standard deviation over the seeds "
+             f"(n = {len(seeds)}); –: the attack a model was trained on.", "",
+             "| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for name in results[0]["models"]:
+        ms = [r["models"][name] for r in results]
+        cells = [spread([cell(m, a) for m in ms]) for _, a in COLUMNS]
+        cells.append(spread([100 * m["attacks"]["whitebox"]["ladder"]["accuracy"] for m in ms]))
+        cells.append(spread([r["average_rank"]["blackbox"][name] for r in results]))
+        lines.append(f"| {NAMES[name]} | " + " | ".join(cells) + " |")
+    lines += ["", "| LADDER − vanilla, points | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
+              "|---" * (len(seeds) + 2) + "|"]
+    for label, attack in COLUMNS[:1] + [c for c in COLUMNS if c[1] in ("fgsm", "pgd")]:
+        d = [cell(r["models"]["ladder"], attack) - cell(r["models"]["vanilla"], attack) for r in results]
+        lines.append(f"| {label} | " + " | ".join(f"{v:+.2f}" for v in d) + f" | {spread(d)} |")
+    lines += ["", "| goal | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+    for k, g in enumerate(results[0]["goals"]):
+        lines.append(f"| {g['goal']} | " + " | ".join("met" if r["goals"][k]["met"] else "not met" for r in results) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="+", type=Path, help="paper_mnist.py JSON files, one per seed")
+    args = p.parse_args(argv)
+    results = [json.loads(f.read_text()) for f in args.results]
+    keys = [protocol_key(r) for r in results]
+    if any(k != keys[0] for k in keys):
+        p.error("the files differ in more than the seed (protocol or device); compare like with like")
+    if len({r["seed"] for r in results}) != len(results):
+        p.error("two files have the same seed")
+    print(table(results), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
