@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/ladder_recipes.py --seed 0
         → bench/results/ladder_recipes.json and bench/results/ladder_recipes.md (about 20 minutes on 2 cores)
+    python bench/ladder_recipes.py --seed 1 --device cuda --out bench/results/ladder_recipes_gpu_seed1.json
+        (every stage on the GPU: a few minutes)
 
 The paper bench (bench/paper_mnist.py) runs the whole Table 2 protocol once per seed (75 minutes).
 This one holds everything but the examples fixed and varies only how they are made:
@@ -18,7 +20,9 @@ service's default) and at larger ε (quantiles 0.5 … 0.99); and at each ε lis
 LADDER_Random (a random latent direction of the same norm) and LADDER_cavRandom. The `_kept` recipes test
 why the normal loses to a random direction: they drop every generated example the vanilla model no longer
 assigns to its source class (an example labelled with a class it has left is a wrong label), for both
-directions alike.
+directions alike. The `ladder_mix` recipes move half-way between the two: (normal step + random step) / √2,
+boundary-guided still, with a random component as long as the normal one (the same length as LADDER's step,
+since a random direction in D dimensions is nearly orthogonal to the normal).
 """
 
 import argparse
@@ -37,8 +41,8 @@ from paper_mnist import DEFAULT_DATA, SPEC, configure, load_mnist, log  # noqa: 
 from services.method.attacks import fgsm, pgd  # noqa: E402
 from services.method.config import AttackConfig  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
-from services.method.models import build_classifier, load_net_weights  # noqa: E402
-from services.method.perturb import calibrate, generate  # noqa: E402
+from services.method.models import build_classifier, device_of, load_net_weights  # noqa: E402
+from services.method.perturb import blend, calibrate, generate  # noqa: E402
 from services.method.pipeline import MemoryStore, Run, per_class, train_surrogate  # noqa: E402
 
 DEFAULT_Q = [0.1, 0.25, 0.5, 0.75, 0.9]
@@ -55,6 +59,8 @@ RECIPES = [
     ("ladder_cavrandom_high_eps", HIGH_Q, "ladder_cavrandom", False),
     ("ladder_high_eps_kept", HIGH_Q, "ladder", True),
     ("ladder_random_high_eps_kept", HIGH_Q, "ladder_random", True),
+    ("ladder_mix", DEFAULT_Q, "ladder_mix", False),
+    ("ladder_mix_high_eps", HIGH_Q, "ladder_mix", False),
 ]
 
 
@@ -62,12 +68,13 @@ TRANSFER = AttackConfig(pgd_early_stop=False)  # as the evaluation crafts transf
 
 
 def transfer_sets(surrogate: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
-    """FGSM and textbook PGD crafted on the surrogate."""
+    """FGSM and textbook PGD crafted on the surrogate (on its device; the examples come back on the CPU)."""
     surrogate.eval()
     gen = torch.Generator().manual_seed(seed)
-    chunks = [(x[i : i + 500], y[i : i + 500]) for i in range(0, len(x), 500)]
-    return {"fgsm": torch.cat([fgsm(surrogate, a, b, None, TRANSFER, gen) for a, b in chunks]),
-            "pgd": torch.cat([pgd(surrogate, a, b, None, TRANSFER, gen) for a, b in chunks])}
+    dev = device_of(surrogate)
+    chunks = [(x[i : i + 500].to(dev), y[i : i + 500].to(dev)) for i in range(0, len(x), 500)]
+    return {"fgsm": torch.cat([fgsm(surrogate, a, b, None, TRANSFER, gen).cpu() for a, b in chunks]),
+            "pgd": torch.cat([pgd(surrogate, a, b, None, TRANSFER, gen).cpu() for a, b in chunks])}
 
 
 def score(model: torch.nn.Module, test, attacked: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
@@ -100,28 +107,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attacked-per-class", type=int, default=200)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--recipes", default=",".join(r[0] for r in RECIPES), help="comma-separated subset of the recipes")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda to run every stage on the GPU (data stays on the CPU)")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     train, test = load_mnist(args.data, args.smoke, args.seed)
     if args.smoke:
         args.attacked_per_class = min(args.attacked_per_class, 5)
     torch.manual_seed(args.seed)
-    vanilla = build_classifier(SPEC)
+    vanilla = build_classifier(SPEC).to(device)
     fit(vanilla, train.x, train.y, epochs=1 if args.smoke else 10, lr=0.01, momentum=0.5, batch_size=64, seed=args.seed, stage="vanilla")
     log(f"vanilla: {accuracy(vanilla, test.x, test.y):.4f}")
 
     ns = argparse.Namespace(seed=args.seed, core=True, sources_per_class=20 if args.smoke else 450,
-                            finetune_epochs=1 if args.smoke else 3, cw_per_class=50, autoattack_per_class=100, smoke=args.smoke)
+                            finetune_epochs=1 if args.smoke else 3, cw_per_class=50, autoattack_per_class=100, smoke=args.smoke,
+                            random_share=0.0)  # "ladder" is the paper's normal; the blend is the ladder_mix recipes
     cfg = configure(ns)
     cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(update={"time_budget_s": 1e9})})
     run = Run(vanilla, SPEC, train, test, cfg, MemoryStore())
     z, boundary, gfit = (run.output(s) for s in ("latents", "boundary", "generator"))
-    generator = gfit.build()
+    generator = gfit.build().to(device)
     zs, ys, targets, steps = run.sources(z, boundary, ["ladder_random", "ladder_cavrandom"])
+    steps["ladder_mix"] = blend(steps["ladder"], steps["ladder_random"], 0.5)  # LADDER with perturb.random_share = 0.5
     log(f"stages: {json.dumps({k: round(v, 1) for k, v in run.seconds.items()})}, generator epochs {gfit.epochs}")
 
-    surrogate, arch = train_surrogate(SPEC, train, cfg)
+    surrogate, arch = train_surrogate(SPEC, train, cfg, device=device)
     points = per_class(test.y, args.attacked_per_class, torch.Generator().manual_seed(args.seed + 123))
     xa, ya = test.x[points], test.y[points]
     attacked = transfer_sets(surrogate, xa, ya, args.seed + 5)
@@ -141,14 +152,15 @@ def main(argv: list[str] | None = None) -> int:
             ex = generate(generator, vanilla, zs, ys, targets, steps[direction], eps)
             n = len(zs)
             with torch.no_grad():  # per example: does the vanilla model still predict the source class?
-                stays = torch.cat([vanilla(ex.x[i : i + 2048]).argmax(1) == ex.y[i : i + 2048] for i in range(0, len(ex.y), 2048)])
+                stays = torch.cat([vanilla(ex.x[i : i + 2048].to(device)).argmax(1).cpu() == ex.y[i : i + 2048]
+                                   for i in range(0, len(ex.y), 2048)])
             leaves = [1 - stays[k * n : (k + 1) * n].float().mean().item() for k in range(len(eps))]
             kept = stays if keep_source else torch.ones_like(stays)
             how, entry = {"alpha": cfg.finetune.alpha, "extra": (ex.x[kept], ex.y[kept])}, {
                 "quantiles": quantiles, "direction": direction, "eps": eps, "leaves_source": leaves,
                 "keep_source": keep_source, "examples": int(kept.sum())}
         weights, loss = run.finetune_one(how)
-        model = build_classifier(SPEC)
+        model = build_classifier(SPEC).to(device)
         load_net_weights(model, weights)
         model.eval()
         models[name] = {**entry, **score(model, test, attacked, ya), "loss": loss, "seconds": round(time.perf_counter() - tick, 1)}
@@ -161,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": {"train": len(train), "test": len(test), "attacked": len(ya), "finetune_epochs": cfg.finetune.epochs,
                      "alpha": cfg.finetune.alpha, "sources": len(zs), "generator_epochs": gfit.epochs,
                      "surrogate": arch, "attack": TRANSFER.model_dump()},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__},
         "wall_seconds": round(time.perf_counter() - started, 1),
         "models": models,
     }

@@ -18,7 +18,9 @@ The protocol (issue 5; docs/paper-reproduction.md reads the results):
      the same budget (`--finetune-epochs`, batch 64, SGD lr 0.01, momentum 0.5): control (clean only),
      FGSM-AT, PGD-AT, TRADES, LADDER, TRADES+LADDER, LADDER_Random, LADDER_cavRandom; plus
      `ladder_raw_eps`, LADDER trained on a raw ε list spanning the authors' 0.5…25, to show what
-     calibration changes (reported under `extra_models`, outside the ranking);
+     calibration changes, and `ladder_normal`, LADDER along the boundary normal alone (the paper's
+     direction; our LADDER blends in a random one, perturb.random_share) (both reported under
+     `extra_models`, outside the ranking);
   4. the surrogate ("black") model, SmallCNN, 10 epochs on the same data; every pixel attack is
      crafted on it and transferred: FGSM and PGD (L∞ ε = 0.3, untargeted) on 450 test digits per
      class, CW-L2 and JSMA targeted on 50 per class × 9 targets, AutoAttack (standard) on 100 per
@@ -55,9 +57,12 @@ BASELINES = ["fgsm_at", "pgd_at", "trades", "trades_ladder", "ladder_random", "l
 COLUMNS = ("fgsm", "jsma", "pgd", "cw", "song", "autoattack")  # the paper's column order
 NAMES = {"vanilla": "vanilla", "control": "control (clean fine-tuning)", "fgsm_at": "FGSM-AT", "pgd_at": "PGD-AT",
          "trades": "TRADES", "ladder": "LADDER", "trades_ladder": "TRADES+LADDER", "ladder_random": "LADDER_Random",
-         "ladder_cavrandom": "LADDER_cavRandom", "ladder_raw_eps": "LADDER, raw ε"}
+         "ladder_cavrandom": "LADDER_cavRandom", "ladder_raw_eps": "LADDER, raw ε",
+         "ladder_normal": "LADDER, normal only (paper)"}
 # ε spanning the authors' MNIST list (0.5 … 25, method.md), geometric, as many values as the calibrated list
 RAW_EPS = [0.5, 1.33, 3.54, 9.4, 25.0]
+# LADDER as the paper has it, outside the ranking: the perturb settings each one changes
+EXTRA_LADDERS = {"ladder_raw_eps": {"eps": RAW_EPS}, "ladder_normal": {"random_share": 0.0}}
 # the paper's Table 2 (MNIST, LeNet, black-box), accuracy %; Table 8 for the white-box LADDER attack
 PAPER = {
     "vanilla": {"clean": 99.13, "fgsm": 46.6, "jsma": 93.91, "pgd": 29.93, "cw": 99.09, "song": 99.82, "autoattack": 99.56,
@@ -119,6 +124,8 @@ def configure(args: argparse.Namespace) -> LadderConfig:
             "autoattack": {"max_samples": 10 * args.autoattack_per_class},
         },
     }
+    if getattr(args, "random_share", None) is not None:
+        cfg["perturb"]["random_share"] = args.random_share
     if args.smoke:  # the same code path on small data: caps and epochs only
         cfg["boundary"] = {"samples_per_class": 60, "holdout_per_class": 20, "attention_steps": 5}
         cfg["generator"] = {"max_epochs": 2}
@@ -210,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--autoattack-per-class", type=int, default=100)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", default="cpu", help="cpu, or cuda to run every stage on the GPU (data stays on the CPU)")
+    p.add_argument("--random-share", type=float, default=None,
+                   help="LADDER's step: the share of a random direction (perturb.random_share; default: the service's; "
+                        "0 = the paper's normal)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.smoke:
@@ -242,18 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     tuned = run.output("finetune")
     t = part(f"fine-tuning ({len(tuned['weights'])} models × {args.finetune_epochs} epochs)", t)
 
-    raw = None
-    if not args.core:  # LADDER on a raw ε list: the stages before it are shared, not recomputed
-        raw = Run(vanilla, SPEC, train, test, cfg.model_copy(update={
-            "variants": [], "perturb": cfg.perturb.model_copy(update={"eps": RAW_EPS})}), MemoryStore(), Ticker())
+    extra_runs = {}
+    for name, change in ({} if args.core else EXTRA_LADDERS).items():  # the stages before the examples are shared
+        extra_runs[name] = r = Run(vanilla, SPEC, train, test, cfg.model_copy(update={
+            "variants": [], "perturb": cfg.perturb.model_copy(update=change)}), MemoryStore(), Ticker())
         for stage in STAGES[:3]:
-            raw.store.save(stage, run.output(stage))
-        raw_adv = raw.output("adversarial")
+            r.store.save(stage, run.output(stage))
         tick = time.perf_counter()
-        weights, loss = raw.finetune_one(raw.trainings(raw_adv)["ladder"], Ticker())
-        tuned["weights"]["ladder_raw_eps"], tuned["loss"]["ladder_raw_eps"] = weights, loss
-        tuned["seconds"]["ladder_raw_eps"] = time.perf_counter() - tick  # evaluated with the others, below
-        t = part("LADDER on the raw ε list (examples and fine-tuning)", t)
+        weights, loss = r.finetune_one(r.trainings(r.output("adversarial"))["ladder"], Ticker())
+        tuned["weights"][name], tuned["loss"][name] = weights, loss
+        tuned["seconds"][name] = time.perf_counter() - tick  # evaluated with the others, below
+    if extra_runs:
+        t = part("LADDER on the raw ε list and along the normal only (examples and fine-tuning)", t)
 
     run.output("evaluate")
     t = part("evaluation (surrogate training and every attack)", t)
@@ -265,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         # the paper's clean column is the whole test set; the evaluated 4,500's is kept beside it
         entry["clean_accuracy_evaluated"] = entry["clean_accuracy"]
         entry["clean_accuracy"] = accuracy(model, full_test.x, full_test.y)
-        (extra if name == "ladder_raw_eps" else models)[name] = entry
+        (extra if name in EXTRA_LADDERS else models)[name] = entry
     ranks = report_ranks(models, ["blackbox"])
     result = {
         "schema": "ladder.paper_mnist/1",
@@ -275,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "train": len(train), "test_full": len(full_test), "test_evaluated": len(test),
             "vanilla": {"architecture": "lenet", "epochs": args.vanilla_epochs, "lr": 0.01, "momentum": 0.5, "batch_size": 64},
             "finetune_epochs": args.finetune_epochs, "sources_per_class": args.sources_per_class,
-            "raw_eps": RAW_EPS if raw is not None else None, "smoke": args.smoke,
+            "raw_eps": RAW_EPS if extra_runs else None, "smoke": args.smoke, "random_share": cfg.perturb.random_share,
         },
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "device": str(device),
@@ -288,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         "boundary": report["boundary"],
         "generator": report["generator"],
         "calibration": report["calibration"],
-        "raw_calibration": raw.calibration(raw.output("adversarial")) if raw is not None else None,
+        "raw_calibration": extra_runs["ladder_raw_eps"].calibration(extra_runs["ladder_raw_eps"].output("adversarial"))
+        if extra_runs else None,
         "evaluation": report["evaluation"],
         "finetune": report["finetune"],
         "stage_seconds": report["stage_seconds"],

@@ -1,7 +1,9 @@
-"""The spread over seeds of bench/paper_mnist.py results: mean ± sample standard deviation per model and column.
+"""The spread over seeds of bench/paper_mnist.py or bench/ladder_recipes.py results: mean ± sample standard
+deviation per model and column.
 
     .venv/bin/python bench/seeds.py bench/results/paper_mnist_gpu_seed{0,1,2}.json
-        → a markdown table on stdout (docs/paper-reproduction.md quotes it)
+    .venv/bin/python bench/seeds.py bench/results/ladder_recipes_gpu_seed{0,1,2}.json
+        → a markdown table on stdout (docs/paper-reproduction.md quotes them)
 
 Every file must come from the same protocol (the same command but the seed): the script refuses a mix.
 """
@@ -64,17 +66,34 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recipes_table(results: list[dict]) -> str:
+    """Per recipe: clean, FGSM and PGD accuracy and their gains over vanilla (points), mean ± sd over the seeds."""
+    seeds = [r["seed"] for r in results]
+    lines = [f"Seeds {', '.join(map(str, seeds))}; accuracy %, and Δ against vanilla in points, mean ± sample standard "
+             f"deviation over the seeds (n = {len(seeds)}).", "",
+             "| recipe | clean | FGSM | PGD | Δ clean | Δ FGSM | Δ PGD |", "|---|---|---|---|---|---|---|"]
+    for name in results[0]["models"]:
+        ms = [r["models"][name] for r in results]
+        vs = [r["models"]["vanilla"] for r in results]
+        cells = [spread([100 * m[k] for m in ms]) for k in ("clean", "fgsm", "pgd")]
+        cells += [spread([100 * (m[k] - v[k]) for m, v in zip(ms, vs)]) for k in ("clean", "fgsm", "pgd")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", type=Path, help="paper_mnist.py JSON files, one per seed")
     args = p.parse_args(argv)
     results = [json.loads(f.read_text()) for f in args.results]
+    if len({r.get("schema") for r in results}) != 1:
+        p.error("the files come from different benches; compare like with like")
     keys = [protocol_key(r) for r in results]
     if any(k != keys[0] for k in keys):
         p.error("the files differ in more than the seed (protocol or device); compare like with like")
     if len({r["seed"] for r in results}) != len(results):
         p.error("two files have the same seed")
-    print(table(results), end="")
+    print((recipes_table if results[0].get("schema") == "ladder.recipes/1" else table)(results), end="")
     return 0
 
 

@@ -24,7 +24,8 @@ def _smoke(script: str, out: Path, *extra: str) -> dict:
 def test_paper_mnist_smoke_run_writes_the_table_and_a_report_shaped_json(tmp_path):
     out = tmp_path / "paper.json"
     result = _smoke("paper_mnist.py", out)
-    assert set(result["models"]) == MODELS and set(result["extra_models"]) == {"ladder_raw_eps"}
+    assert set(result["models"]) == MODELS and set(result["extra_models"]) == {"ladder_raw_eps", "ladder_normal"}
+    assert result["config"]["perturb"]["random_share"] == 0.5 == result["protocol"]["random_share"]  # the service's default
     for name, m in {**result["models"], **result["extra_models"]}.items():
         assert 0 <= m["clean_accuracy"] <= 1
         assert set(m["attacks"]["blackbox"]) == {"fgsm", "pgd", "cw", "jsma", "autoattack"}, name
@@ -39,6 +40,7 @@ def test_paper_mnist_smoke_run_writes_the_table_and_a_report_shaped_json(tmp_pat
     assert len(result["goals"]) == 6 and all(isinstance(g["met"], bool) for g in result["goals"])
     table = out.with_suffix(".md").read_text()
     assert "| LADDER |" in table and "| LADDER, raw ε |" in table and "/ 99.13" in table  # ours beside the paper's
+    assert "| LADDER, normal only (paper) |" in table
     assert result["wall_seconds"]["total"] > 0 and "evaluation (surrogate training and every attack)" in result["wall_seconds"]
     assert result["machine"]["device"] == "cpu" and result["machine"]["gpu"] is None
 
@@ -56,7 +58,7 @@ def test_ladder_recipes_smoke_run_scores_every_recipe_on_shared_examples(tmp_pat
     out = tmp_path / "recipes.json"
     result = _smoke("ladder_recipes.py", out)
     names = ["vanilla", "control", "ladder", "ladder_random", "ladder_cavrandom", "ladder_high_eps",
-             "ladder_random_high_eps", "ladder_cavrandom_high_eps", "ladder_high_eps_kept", "ladder_random_high_eps_kept"]
+             "ladder_random_high_eps", "ladder_cavrandom_high_eps", "ladder_high_eps_kept", "ladder_random_high_eps_kept", "ladder_mix", "ladder_mix_high_eps"]
     assert list(result["models"]) == names
     models = result["models"]
     assert result["protocol"]["attacked"] == 50  # 5 per class in smoke mode
@@ -64,7 +66,8 @@ def test_ladder_recipes_smoke_run_scores_every_recipe_on_shared_examples(tmp_pat
         assert all(0 <= models[name][k] <= 1 for k in ("clean", "fgsm", "pgd")), name
     # an ablation changes the direction only: the same ε list as LADDER's at the same quantiles
     assert models["ladder_random"]["eps"] == models["ladder"]["eps"] == models["ladder_cavrandom"]["eps"]
-    assert models["ladder_high_eps"]["eps"] == models["ladder_random_high_eps"]["eps"]
+    assert models["ladder_high_eps"]["eps"] == models["ladder_random_high_eps"]["eps"] == models["ladder_mix_high_eps"]["eps"]
+    assert models["ladder_mix"]["eps"] == models["ladder"]["eps"] and models["ladder_mix"]["direction"] == "ladder_mix"
     assert max(models["ladder_high_eps"]["eps"]) > max(models["ladder"]["eps"])
     assert "eps" not in models["control"] and len(models["ladder"]["leaves_source"]) == len(models["ladder"]["eps"])
     assert "| ladder_random_high_eps |" in out.with_suffix(".md").read_text()
@@ -85,6 +88,16 @@ def test_seed_spread_table_from_the_committed_gpu_runs():
     sd = (sum((c - mean) ** 2 for c in clean) / 2) ** 0.5
     assert f"| vanilla | {mean:.2f} ± {sd:.2f} |" in r.stdout
     # a CPU run and a GPU run are different protocols: refused
-    mixed = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), str(ROOT / "bench" / "results" / "paper_mnist.json"),
+    mixed = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), str(ROOT / "bench" / "results" / "paper_mnist_normal_seed0.json"),
                             str(runs[1])], capture_output=True, text=True)
     assert mixed.returncode == 2 and "compare like with like" in mixed.stderr
+
+
+def test_seed_spread_table_of_the_committed_gpu_recipes():
+    runs = [str(ROOT / "bench" / "results" / f"ladder_recipes_gpu_seed{s}.json") for s in range(3)]
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), *runs], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "| ladder_mix |" in r.stdout and "| vanilla | " in r.stdout and "0.00 ± 0.00 |" in r.stdout
+    mixed = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), runs[0],
+                            str(ROOT / "bench" / "results" / "paper_mnist_gpu_seed1.json")], capture_output=True, text=True)
+    assert mixed.returncode == 2 and "different benches" in mixed.stderr

@@ -48,6 +48,11 @@ class PerturbConfig(_Section):
     samples_per_class: int | None = Field(None, ge=1, description="source images per class; None = all")
     batch_size: int = Field(1024, ge=1)
     cav_noise: float = Field(0.01, gt=0, description="LADDER_cavRandom: β ⊙ (d + N(0, I)·noise) (authors: /100)")
+    random_share: float = Field(
+        0.5, ge=0, le=1,
+        description="LADDER's step: √(1−s)·β⊙d + √s·r, r a random direction as long as β⊙d (0 = the paper's "
+                    "normal, 1 = LADDER_Random); ε is still calibrated along the normal (docs/paper-reproduction.md)",
+    )
 
     @field_validator("eps")
     @classmethod

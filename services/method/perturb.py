@@ -10,6 +10,8 @@ Directions: `boundary` is LADDER (β ⊙ d, d the SVM normal oriented y → t); 
 Gaussian direction rescaled to the norm of each sample's LADDER step (LADDER_Random; the authors
 used N(0, I)/10, whose norm grows with √D, so the ablation would change the step size too);
 `cav_random` is β ⊙ (d + N(0, I)·cav_noise) (LADDER_cavRandom, the authors' noise scale).
+With `random_share` s > 0, LADDER's step blends the two: √(1−s)·β⊙d + √s·r (`blend`), about as
+long as β⊙d, since a random r is nearly orthogonal to it in D dimensions.
 """
 
 from dataclasses import dataclass
@@ -33,16 +35,25 @@ def random_targets(y: Tensor, num_classes: int, gen: torch.Generator) -> Tensor:
     return (y + torch.randint(1, num_classes, y.shape, generator=gen)) % num_classes
 
 
+def blend(step: Tensor, random_step: Tensor, share: float) -> Tensor:
+    """√(1−share)·step + √share·random_step: the boundary step with a random component (same norms in, so
+    about the same norm out)."""
+    return (1 - share) ** 0.5 * step + share**0.5 * random_step
+
+
 def directions(
-    boundary: Boundary, z: Tensor, y: Tensor, t: Tensor, kind: Direction, gen: torch.Generator, cav_noise: float = 0.01
+    boundary: Boundary, z: Tensor, y: Tensor, t: Tensor, kind: Direction, gen: torch.Generator, cav_noise: float = 0.01,
+    random_share: float = 0.0,
 ) -> Tensor:
-    """The per-sample latent step whose multiples by ε make the examples; (N, D)."""
+    """The per-sample latent step whose multiples by ε make the examples; (N, D). `random_share` blends a
+    random direction into the `boundary` step (no random numbers are drawn when it is 0)."""
     if kind == "cav_random":
         return boundary.direction(z, y, t, torch.randn(z.shape, generator=gen) * cav_noise)
     step = boundary.direction(z, y, t)
-    if kind == "random":
+    if kind == "random" or random_share > 0:
         noise = torch.randn(z.shape, generator=gen)
-        return noise * (step.norm(dim=1, keepdim=True) / noise.norm(dim=1, keepdim=True))
+        noise = noise * (step.norm(dim=1, keepdim=True) / noise.norm(dim=1, keepdim=True))
+        return noise if kind == "random" else blend(step, noise, random_share)
     return step
 
 

@@ -184,7 +184,8 @@ class Run:
         src = src[torch.randperm(len(src), generator=gen)]  # calibration and flip checks take leading rows: mix classes
         zs, ys = z[src], y[src]
         targets = random_targets(ys, self.spec.num_classes, gen)
-        steps = {name: directions(boundary, zs, ys, targets, VARIANT_DIRECTIONS[name], gen, cfg.perturb.cav_noise)
+        steps = {name: directions(boundary, zs, ys, targets, VARIANT_DIRECTIONS[name], gen, cfg.perturb.cav_noise,
+                                  cfg.perturb.random_share if name == "ladder" else 0.0)
                  for name in ["ladder", *(v for v in variants if v in LADDER_VARIANTS)]}
         return zs, ys, targets, steps
 
@@ -194,10 +195,12 @@ class Run:
         zs, ys, targets, steps = self.sources(z, boundary, cfg.variants)
         cal_n = min(len(zs), cfg.perturb.calibration_samples)
         head = self.split.head
-        cal = calibrate(head, zs[:cal_n], steps["ladder"][:cal_n], targets[:cal_n], cfg.perturb.crossing_quantiles, cfg.perturb.eps)
+        # ε is calibrated along the boundary normal, also when LADDER's step blends in a random direction
+        normal = steps["ladder"][:cal_n] if cfg.perturb.random_share == 0 else boundary.direction(zs[:cal_n], ys[:cal_n], targets[:cal_n])
+        cal = calibrate(head, zs[:cal_n], normal, targets[:cal_n], cfg.perturb.crossing_quantiles, cfg.perturb.eps)
         out = {"calibration": cal, "variant_crossing_rate": {}, "examples": {}}
         for name, step in steps.items():
-            if name != "ladder":  # variants use LADDER's ε list: the ablation changes the direction only
+            if name != "ladder" or cfg.perturb.random_share > 0:  # at LADDER's ε list: a variant changes the direction only
                 out["variant_crossing_rate"][name] = calibrate(
                     head, zs[:cal_n], step[:cal_n], targets[:cal_n], None, cal.eps).crossing_rate
             out["examples"][name] = generate(generator, self.model, zs, ys, targets, step, cal.eps,
