@@ -17,10 +17,10 @@ The protocol (issue 5; docs/paper-reproduction.md reads the results):
   3. every defence fine-tuned from the vanilla weights with the same data (the 60,000 digits) and
      the same budget (`--finetune-epochs`, batch 64, SGD lr 0.01, momentum 0.5): control (clean only),
      FGSM-AT, PGD-AT, TRADES, LADDER, TRADES+LADDER, LADDER_Random, LADDER_cavRandom; plus
-     `ladder_raw_eps`, LADDER trained on a raw ε list spanning the authors' 0.5…25, to show what
-     calibration changes, and `ladder_normal`, LADDER along the boundary normal alone (the paper's
-     direction; our LADDER blends in a random one, perturb.random_share) (both reported under
-     `extra_models`, outside the ranking);
+     `ladder_raw_eps`, our LADDER (its direction as `ladder`'s) trained on a raw ε list spanning the
+     authors' 0.5…25, to show what calibration changes, and `ladder_normal`, LADDER along the
+     boundary normal alone (the paper's direction; ours blends in a random one, perturb.random_share;
+     left out when the run's share is 0 already) (both under `extra_models`, outside the ranking);
   4. the surrogate ("black") model, SmallCNN, 10 epochs on the same data; every pixel attack is
      crafted on it and transferred: FGSM and PGD (L∞ ε = 0.3, untargeted) on 450 test digits per
      class, CW-L2 and JSMA targeted on 50 per class × 9 targets, AutoAttack (standard) on 100 per
@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     t = part(f"fine-tuning ({len(tuned['weights'])} models × {args.finetune_epochs} epochs)", t)
 
     extra_runs = {}
-    for name, change in ({} if args.core else EXTRA_LADDERS).items():  # the stages before the examples are shared
+    extras = {} if args.core else {k: v for k, v in EXTRA_LADDERS.items()
+                                   if not (k == "ladder_normal" and cfg.perturb.random_share == 0)}  # no duplicate
+    for name, change in extras.items():  # the stages before the examples are shared
         extra_runs[name] = r = Run(vanilla, SPEC, train, test, cfg.model_copy(update={
             "variants": [], "perturb": cfg.perturb.model_copy(update=change)}), MemoryStore(), Ticker())
         for stage in STAGES[:3]:

@@ -38,8 +38,11 @@ def spread(values: list[float | None], digits: int = 2) -> str:
 
 
 def protocol_key(result: dict) -> dict:
-    """What must be equal across the seeds' files: the protocol and the machine's kind, not the seed."""
-    return {k: v for k, v in result["protocol"].items()} | {"device": result["machine"]["device"]}
+    """What must be equal across the seeds' files: the protocol, the configuration but its seed (attack caps,
+    random_share, …), the device's kind and the models compared."""
+    config = {k: v for k, v in result.get("config", {}).items() if k != "seed"}
+    return {"protocol": result["protocol"], "config": config, "device": result["machine"].get("device", "cpu"),
+            "models": sorted(result["models"]), "extra": sorted(result.get("extra_models", {}))}
 
 
 def table(results: list[dict]) -> str:
@@ -49,11 +52,12 @@ def table(results: list[dict]) -> str:
     lines = [f"Seeds {', '.join(map(str, seeds))}; accuracy %, mean ± sample standard deviation over the seeds "
              f"(n = {len(seeds)}); –: the attack a model was trained on.", "",
              "| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-    for name in results[0]["models"]:
-        ms = [r["models"][name] for r in results]
+    for name in [*results[0]["models"], *results[0].get("extra_models", {})]:
+        ms = [r["models"].get(name) or r["extra_models"][name] for r in results]
         cells = [spread([cell(m, a) for m in ms]) for _, a in COLUMNS]
         cells.append(spread([100 * m["attacks"]["whitebox"]["ladder"]["accuracy"] for m in ms]))
-        cells.append(spread([r["average_rank"]["blackbox"][name] for r in results]))
+        ranks = [r["average_rank"]["blackbox"].get(name) for r in results]  # extra models are outside the ranking
+        cells.append(spread(ranks))
         lines.append(f"| {NAMES[name]} | " + " | ".join(cells) + " |")
     lines += ["", "| LADDER − vanilla, points | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
               "|---" * (len(seeds) + 2) + "|"]

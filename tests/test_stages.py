@@ -119,6 +119,25 @@ def test_variant_directions(boundary, latents, lenet):
     assert (t != y).all()
 
 
+def test_ladder_blends_a_random_direction_by_its_share(boundary, latents, lenet):
+    _, z = latents
+    y = lenet.train.y[PICK[:200]]
+    t = random_targets(y, 10, torch.Generator().manual_seed(0))
+    d = directions(boundary, z[PICK[:200]], y, t, "boundary", torch.Generator())
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    assert torch.equal(directions(boundary, z[PICK[:200]], y, t, "boundary", gen, random_share=0.0), d)
+    assert torch.equal(gen.get_state(), state)  # share 0: the paper's normal, and no random numbers drawn
+    cos = torch.nn.functional.cosine_similarity
+    half = directions(boundary, z[PICK[:200]], y, t, "boundary", torch.Generator().manual_seed(3), random_share=0.5)
+    r = directions(boundary, z[PICK[:200]], y, t, "random", torch.Generator().manual_seed(3))
+    torch.testing.assert_close(half, 0.5**0.5 * (d + r))  # the same draw as the random direction's
+    assert (cos(half, d) - 0.5**0.5).abs().mean() < 0.1  # 45° from the normal, as long as the normal step
+    torch.testing.assert_close(half.norm(dim=1) / d.norm(dim=1), torch.ones(len(d)), atol=0.25, rtol=0)
+    full = directions(boundary, z[PICK[:200]], y, t, "boundary", torch.Generator().manual_seed(3), random_share=1.0)
+    torch.testing.assert_close(full, r)  # share 1: LADDER_Random
+
+
 @pytest.mark.parametrize("attack", [fgsm, pgd])
 def test_attacks_respect_eps_and_range_and_restore_mode(lenet, attack):
     x, y = lenet.test.x[::16], lenet.test.y[::16]

@@ -133,8 +133,8 @@ def evaluation_points(test: ImageData, cfg: LadderConfig) -> ImageData:
 class Run:
     """One LADDER run over a StageStore: `output(stage)` loads a stage's stored output or computes
     and stores it (its inputs, the earlier stages, likewise), so any process can run any one stage.
-    Every stage runs on the model's device (move the model to a GPU to use one); data, latents, examples
-    and stored weights stay on the CPU."""
+    Every stage but the boundary fit (on the CPU) runs on the model's device (move the model to a GPU to
+    use one); data, latents, examples and stored weights stay on the CPU."""
 
     def __init__(self, model: Classifier, spec: ModelSpec, train: ImageData, test: ImageData, config: LadderConfig,
                  store: StageStore | None = None, progress: Progress = silent):
@@ -184,10 +184,12 @@ class Run:
         src = src[torch.randperm(len(src), generator=gen)]  # calibration and flip checks take leading rows: mix classes
         zs, ys = z[src], y[src]
         targets = random_targets(ys, self.spec.num_classes, gen)
-        steps = {name: directions(boundary, zs, ys, targets, VARIANT_DIRECTIONS[name], gen, cfg.perturb.cav_noise,
-                                  cfg.perturb.random_share if name == "ladder" else 0.0)
-                 for name in ["ladder", *(v for v in variants if v in LADDER_VARIANTS)]}
-        return zs, ys, targets, steps
+        steps = {name: directions(boundary, zs, ys, targets, VARIANT_DIRECTIONS[name], gen, cfg.perturb.cav_noise)
+                 for name in variants if name in LADDER_VARIANTS}
+        # LADDER's own draws (its blend's random direction) come after the variants', so that the ablations get
+        # the same draws whatever the share
+        ladder = directions(boundary, zs, ys, targets, "boundary", gen, cfg.perturb.cav_noise, cfg.perturb.random_share)
+        return zs, ys, targets, {"ladder": ladder, **steps}
 
     def _adversarial(self, z: Tensor, boundary: Any, gfit: Any) -> dict:
         cfg, progress = self.cfg, self.progress

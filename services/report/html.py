@@ -416,7 +416,7 @@ def _calibration(report: Mapping) -> dict | None:
         rows.append({"cells": [fmt(row.get("quantile")) if row.get("quantile") is not None else "–",
                                fmt(_num(row.get("eps"))), pct(row.get("crossing_rate")), pct(row.get("image_flip_rate"))]
                      + [pct((variants[v] or [None] * len(table))[i] if i < len(variants[v] or []) else None) for v in vnames]})
-    headers = ["quantile", "ε", "crossing rate (%)", "image flip rate (%)"] + [f"{model_name(v)} crossing (%)" for v in vnames]
+    headers = ["quantile", "ε", "crossing rate along the normal (%)", "image flip rate (%)"] + [f"{model_name(v)} crossing (%)" for v in vnames]
     mode = cal.get("mode")
     how = {"quantiles": "ε chosen at quantiles of the latents' distance to the boundary",
            "raw": "ε given by the user"}.get(mode, f"mode {mode}" if mode else "")
