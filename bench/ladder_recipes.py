@@ -141,19 +141,30 @@ def main(argv: list[str] | None = None) -> int:
     chosen = args.recipes.split(",")
     models = {"vanilla": score(vanilla, test, attacked, ya)}
     n_cal = cfg.perturb.calibration_samples
+    eps_at: dict[tuple, list[float]] = {}  # per quantile list: its ε (recipes share them)
+    made: dict[tuple, tuple] = {}  # per (quantiles, direction): the examples and the vanilla model's verdict on each
+
+    def examples(quantiles: list[float], direction: str) -> tuple:
+        q = tuple(quantiles)
+        if q not in eps_at:  # ε from LADDER's own crossing distances, whatever the direction: a variant changes it only
+            eps_at[q] = calibrate(run.split.head, zs[:n_cal], steps["ladder"][:n_cal], targets[:n_cal], quantiles).eps
+        if (q, direction) not in made:
+            ex = generate(generator, vanilla, zs, ys, targets, steps[direction], eps_at[q])
+            with torch.no_grad():  # per example: does the vanilla model still predict the source class?
+                stays = torch.cat([vanilla(ex.x[i : i + 2048].to(device)).argmax(1).cpu() == ex.y[i : i + 2048]
+                                   for i in range(0, len(ex.y), 2048)])
+            made[q, direction] = eps_at[q], ex, stays
+        return made[q, direction]
+
     for name, quantiles, direction, keep_source in RECIPES:
         if name not in chosen:
             continue
         tick = time.perf_counter()
         if quantiles is None:
             how, entry = {"alpha": 1.0}, {}
-        else:  # ε from LADDER's own crossing distances, whatever the direction: the ablations change the direction only
-            eps = calibrate(run.split.head, zs[:n_cal], steps["ladder"][:n_cal], targets[:n_cal], quantiles).eps
-            ex = generate(generator, vanilla, zs, ys, targets, steps[direction], eps)
+        else:
+            eps, ex, stays = examples(quantiles, direction)
             n = len(zs)
-            with torch.no_grad():  # per example: does the vanilla model still predict the source class?
-                stays = torch.cat([vanilla(ex.x[i : i + 2048].to(device)).argmax(1).cpu() == ex.y[i : i + 2048]
-                                   for i in range(0, len(ex.y), 2048)])
             leaves = [1 - stays[k * n : (k + 1) * n].float().mean().item() for k in range(len(eps))]
             kept = stays if keep_source else torch.ones_like(stays)
             how, entry = {"alpha": cfg.finetune.alpha, "extra": (ex.x[kept], ex.y[kept])}, {

@@ -124,7 +124,7 @@ def configure(args: argparse.Namespace) -> LadderConfig:
             "autoattack": {"max_samples": 10 * args.autoattack_per_class},
         },
     }
-    if getattr(args, "random_share", None) is not None:
+    if args.random_share is not None:
         cfg["perturb"]["random_share"] = args.random_share
     if args.smoke:  # the same code path on small data: caps and epochs only
         cfg["boundary"] = {"samples_per_class": 60, "holdout_per_class": 20, "attention_steps": 5}

@@ -79,25 +79,28 @@ def test_ladder_recipes_smoke_run_scores_every_recipe_on_shared_examples(tmp_pat
         assert models[kept]["examples"] == round(stays) < models[full]["examples"]
 
 
+def _seeds(*files) -> subprocess.CompletedProcess:
+    """bench/seeds.py on some result files."""
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), *map(str, files)], capture_output=True, text=True)
+
+
 def test_seed_spread_table_from_the_committed_gpu_runs():
     runs = [ROOT / "bench" / "results" / f"paper_mnist_gpu_seed{s}.json" for s in range(3)]
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), *map(str, runs)], capture_output=True, text=True)
+    r = _seeds(*runs)
     assert r.returncode == 0, r.stderr
     clean = [100 * json.loads(f.read_text())["models"]["vanilla"]["clean_accuracy"] for f in runs]
     mean = sum(clean) / 3
     sd = (sum((c - mean) ** 2 for c in clean) / 2) ** 0.5
     assert f"| vanilla | {mean:.2f} ± {sd:.2f} |" in r.stdout
     # a CPU run and a GPU run are different protocols: refused
-    mixed = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), str(ROOT / "bench" / "results" / "paper_mnist_normal_seed0.json"),
-                            str(runs[1])], capture_output=True, text=True)
+    mixed = _seeds(ROOT / "bench" / "results" / "paper_mnist_normal_seed0.json", runs[1])
     assert mixed.returncode == 2 and "compare like with like" in mixed.stderr
 
 
 def test_seed_spread_table_of_the_committed_gpu_recipes():
-    runs = [str(ROOT / "bench" / "results" / f"ladder_recipes_gpu_seed{s}.json") for s in range(3)]
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), *runs], capture_output=True, text=True)
+    runs = [ROOT / "bench" / "results" / f"ladder_recipes_gpu_seed{s}.json" for s in range(3)]
+    r = _seeds(*runs)
     assert r.returncode == 0, r.stderr
     assert "| ladder_mix |" in r.stdout and "| vanilla | " in r.stdout and "0.00 ± 0.00 |" in r.stdout
-    mixed = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), runs[0],
-                            str(ROOT / "bench" / "results" / "paper_mnist_gpu_seed1.json")], capture_output=True, text=True)
+    mixed = _seeds(runs[0], ROOT / "bench" / "results" / "paper_mnist_gpu_seed1.json")
     assert mixed.returncode == 2 and "different benches" in mixed.stderr
