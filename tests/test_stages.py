@@ -172,3 +172,33 @@ def test_fit_with_alpha_one_ignores_extra_and_is_seeded(lenet):
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
     with pytest.raises(ValueError, match="exactly one source"):
         fit(a, x, y, epochs=1, lr=0.01, momentum=0.5, batch_size=64, seed=5, alpha=0.5)
+
+
+def test_fit_cosine_schedule_steps_the_learning_rate_down_to_zero():
+    """With momentum 0, each step of `fit` is w ← w − lr_k·∇: replay it by hand with lr_k = lr·½(1 + cos(πk/K))."""
+    import copy
+    import math
+
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 1, 2, 2, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    tuned, by_hand, flat = (copy.deepcopy(model) for _ in range(3))
+    fit(tuned, x, y, epochs=2, lr=0.5, momentum=0.0, batch_size=8, seed=3, schedule="cosine")
+    fit(flat, x, y, epochs=2, lr=0.5, momentum=0.0, batch_size=8, seed=3)
+    order_gen, k = torch.Generator().manual_seed(3), 0
+    for _ in range(2):
+        order = torch.randperm(32, generator=order_gen)
+        for i in range(4):
+            idx = order[i * 8 : (i + 1) * 8]
+            by_hand.zero_grad()
+            F.cross_entropy(by_hand(x[idx]), y[idx]).backward()
+            with torch.no_grad():
+                for p in by_hand.parameters():
+                    p -= 0.5 * 0.5 * (1 + math.cos(math.pi * k / 8)) * p.grad
+            k += 1
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(tuned.parameters(), by_hand.parameters()))
+    assert not all(torch.allclose(p, q, atol=1e-4) for p, q in zip(tuned.parameters(), flat.parameters()))
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        fit(tuned, x, y, epochs=1, lr=0.5, momentum=0.0, batch_size=8, seed=3, schedule="step")

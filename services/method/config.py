@@ -74,6 +74,8 @@ class FinetuneConfig(_Section):
 
     epochs: int = Field(10, ge=1, description="passes over the clean training set (authors: 100)")
     lr: float = Field(0.01, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="the learning rate per step: constant (the paper's), or a cosine from lr to 0")
     momentum: float = Field(0.5, ge=0, lt=1)
     batch_size: int = Field(64, ge=1)
     alpha: float = Field(0.5, ge=0, le=1, description="1.0 = the clean-only control")

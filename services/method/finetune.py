@@ -18,6 +18,7 @@ from services.method.models import eval_mode
 from services.method.progress import Progress, silent
 
 Craft = Callable[[nn.Module, Tensor, Tensor], Tensor]
+SCHEDULES = ("constant", "cosine")
 
 
 def kl_divergence(logits_clean: Tensor, logits_adv: Tensor) -> Tensor:
@@ -39,6 +40,7 @@ def fit(
     extra: tuple[Tensor, Tensor] | None = None,
     craft: Craft | None = None,
     trades: tuple[float, Craft] | None = None,
+    schedule: str = "constant",
     stage: str = "finetune",
     progress: Progress = silent,
 ) -> list[float]:
@@ -46,10 +48,13 @@ def fit(
 
     The loss is α·L(x, y) + (1 − α)·CE(f(x̂), y), x̂ from `extra` (a generated set) or `craft` (made per
     batch). L is CE, or with `trades = (β, craft)` TRADES' CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' crafted
-    per batch. α = 0 drops the clean term (PGD-AT as in Madry et al.).
+    per batch. α = 0 drops the clean term (PGD-AT as in Madry et al.). `schedule`: the learning rate stays at
+    `lr` ("constant", the paper's) or follows a cosine from `lr` to 0 over all steps ("cosine"), step by step.
     """
     if alpha < 1 and (extra is None) == (craft is None):
         raise ValueError("alpha < 1 needs exactly one source of extra examples: `extra` or `craft`")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks
     device = next(model.parameters()).device
@@ -90,6 +95,9 @@ def fit(
                 loss = loss + alpha * clean
             if alpha < 1:
                 loss = loss + (1 - alpha) * F.cross_entropy(logits[-1], ya)
+            if schedule == "cosine":
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + i) / (epochs * steps)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

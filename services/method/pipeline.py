@@ -23,7 +23,7 @@ from services.datasets import ImageData, balanced_order, require_every_class, st
 from services.errors import InputError
 from services.method.boundary import fit_boundary
 from services.method.attacks import autoattack_info, training_attack
-from services.method.config import LADDER_VARIANTS, LadderConfig
+from services.method.config import LADDER_VARIANTS, FinetuneConfig, LadderConfig
 from services.method.evaluate import Examples, evaluate, surrogate_architecture
 from services.method.finetune import accuracy, fit
 from services.method.generator import fidelity, resolve_preset, train_generator
@@ -238,13 +238,14 @@ class Run:
             seconds[name] = time.perf_counter() - started
         return {"weights": weights, "loss": history, "seconds": seconds}
 
-    def finetune_one(self, how: dict, progress: Progress = silent) -> tuple[dict[str, Tensor], list[float]]:
-        """Fine-tune a copy of the uploaded model with the run's data and budget (`how`: one of `trainings`):
-        its weights and loss per epoch."""
-        f, train = self.cfg.finetune, self.train
+    def finetune_one(self, how: dict, progress: Progress = silent, finetune: FinetuneConfig | None = None
+                     ) -> tuple[dict[str, Tensor], list[float]]:
+        """Fine-tune a copy of the uploaded model with the run's data and budget (`how`: one of `trainings`; `finetune`:
+        other fine-tuning settings than the run's): its weights and loss per epoch."""
+        f, train = finetune or self.cfg.finetune, self.train
         m = copy.deepcopy(self.model)
         history = fit(m, train.x, train.y, epochs=f.epochs, lr=f.lr, momentum=f.momentum, batch_size=f.batch_size,
-                      seed=stage_seed(self.cfg.seed, "finetune"), **how, progress=progress)
+                      schedule=f.lr_schedule, seed=stage_seed(self.cfg.seed, "finetune"), **how, progress=progress)
         return net_weights(m), history
 
     def models(self) -> dict[str, Classifier]:
