@@ -56,9 +56,10 @@ def test_paper_mnist_smoke_run_on_the_gpu(tmp_path):
 @pytest.mark.slow
 def test_ladder_recipes_smoke_run_scores_every_recipe_on_shared_examples(tmp_path):
     out = tmp_path / "recipes.json"
-    result = _smoke("ladder_recipes.py", out)
     names = ["vanilla", "control", "ladder", "ladder_random", "ladder_cavrandom", "ladder_high_eps",
-             "ladder_random_high_eps", "ladder_cavrandom_high_eps", "ladder_high_eps_kept", "ladder_random_high_eps_kept", "ladder_mix", "ladder_mix_high_eps"]
+             "ladder_random_high_eps", "ladder_cavrandom_high_eps", "ladder_high_eps_kept", "ladder_random_high_eps_kept",
+             "ladder_mix", "ladder_mix_high_eps", "control_cosine", "ladder_mix85_high_eps"]
+    result = _smoke("ladder_recipes.py", out, "--recipes", ",".join(names[1:]))
     assert list(result["models"]) == names
     models = result["models"]
     assert result["protocol"]["attacked"] == 50  # 5 per class in smoke mode
@@ -71,6 +72,10 @@ def test_ladder_recipes_smoke_run_scores_every_recipe_on_shared_examples(tmp_pat
     assert max(models["ladder_high_eps"]["eps"]) > max(models["ladder"]["eps"])
     assert "eps" not in models["control"] and len(models["ladder"]["leaves_source"]) == len(models["ladder"]["eps"])
     assert "| ladder_random_high_eps |" in out.with_suffix(".md").read_text()
+    # a recipe's fine-tuning settings are its own; the blends differ in their share of the random direction
+    assert models["control_cosine"]["finetune"] == {"lr_schedule": "cosine"} and models["control"]["finetune"] == {}
+    assert models["ladder_mix85_high_eps"]["eps"] == models["ladder_mix_high_eps"]["eps"]
+    assert models["ladder_mix85_high_eps"]["leaves_source"] != models["ladder_mix_high_eps"]["leaves_source"]
     # the _kept recipes train on the examples the vanilla model still assigns to their source, and no others
     for kept, full in (("ladder_high_eps_kept", "ladder_high_eps"), ("ladder_random_high_eps_kept", "ladder_random_high_eps")):
         assert models[kept]["keep_source"] and not models[full]["keep_source"]
