@@ -96,7 +96,7 @@ def run_seed(seed: int, work: Path, overrides: dict) -> dict:
     pgd_at = copy.deepcopy(vanilla)
     started = time.perf_counter()
     fit(pgd_at, train.x, train.y, epochs=f.epochs, lr=f.lr, momentum=f.momentum, batch_size=f.batch_size, seed=seed,
-        alpha=0.0, craft=lambda m, x, y: pgd(m, x, y, None, attack, gen))
+        schedule=f.lr_schedule, alpha=0.0, craft=lambda m, x, y: pgd(m, x, y, None, attack, gen))
     pgd_at_seconds = time.perf_counter() - started
 
     surrogate, _ = train_surrogate(SPEC, train, config)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from paper_mnist import DEFAULT_DATA, SPEC, configure, load_mnist, log  # noqa: E402
 from services.method.attacks import fgsm, pgd  # noqa: E402
-from services.method.config import AttackConfig  # noqa: E402
+from services.method.config import AttackConfig, FinetuneConfig  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
 from services.method.models import build_classifier, device_of, load_net_weights  # noqa: E402
 from services.method.perturb import blend, calibrate, generate  # noqa: E402
@@ -81,7 +81,7 @@ RECIPES = [
     ("ladder_mix70_high_eps", HIGH_Q, "ladder_mix70", False, {}),
     ("ladder_mix85_high_eps", HIGH_Q, "ladder_mix85", False, {}),
 ]
-# the blends' random shares (LADDER with perturb.random_share = s; ladder_mix is the service's default)
+# the blends' random shares (LADDER with perturb.random_share = s; ladder_mix85 is the service's default)
 MIX_SHARES = {"ladder_mix": 0.5, "ladder_mix70": 0.7, "ladder_mix85": 0.85}
 
 
@@ -189,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             kept = stays if keep_source else torch.ones_like(stays)
             how, entry = {"alpha": cfg.finetune.alpha, "extra": (ex.x[kept], ex.y[kept])}, {
                 "quantiles": quantiles, "direction": direction, "eps": eps, "leaves_source": leaves,
-                "keep_source": keep_source, "examples": int(kept.sum())}
-        weights, loss = run.finetune_one(how, finetune=cfg.finetune.model_copy(update=tuning))
+                "keep_source": keep_source, "examples": int(kept.sum()), "random_share": MIX_SHARES.get(direction)}
+        # alpha and epochs stay the run's: a recipe changes the optimiser's settings only
+        assert set(tuning) <= {"lr", "lr_schedule", "momentum", "batch_size"}, tuning
+        weights, loss = run.finetune_one(how, finetune=FinetuneConfig.model_validate({**cfg.finetune.model_dump(), **tuning}))
         entry["finetune"] = tuning
         model = build_classifier(SPEC).to(device)
         load_net_weights(model, weights)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/paper_mnist.py --seed 0
         → bench/results/paper_mnist.json (shaped like report.json) and bench/results/paper_mnist.md
-    .venv/bin/python bench/paper_mnist.py --seed 1 --core --out bench/results/paper_mnist_seed1.json
+    .venv/bin/python bench/paper_mnist.py --seed 2 --core --out bench/results/paper_mnist_seed2.json
         (vanilla, control and LADDER only: the spread over seeds)
     .venv/bin/python bench/paper_mnist.py --seed 0 --device cuda --out bench/results/paper_mnist_gpu.json
         (every stage on the GPU)
@@ -12,15 +12,17 @@
 The protocol (issue 5; docs/paper-reproduction.md reads the results):
   1. vanilla LeNet as in the paper: SGD lr 0.01, momentum 0.5, batch 64, 10 epochs, normalisation
      inside the model, on the 60,000 training digits; clean accuracy on all 10,000 test digits;
-  2. LADDER's stages through the service's own pipeline (`Run`): latents, boundary, generator, then
-     450 source images per class (4,500) with random targets at the calibrated ε list;
+  2. LADDER's stages through the service's own pipeline (`Run`): latents, boundary, generator (to its
+     15-epoch limit, no wall-time cap), then 450 source images per class (4,500) with random targets at
+     the calibrated ε list;
   3. every defence fine-tuned from the vanilla weights with the same data (the 60,000 digits) and
      the same budget (`--finetune-epochs`, batch 64, SGD lr 0.01, momentum 0.5): control (clean only),
      FGSM-AT, PGD-AT, TRADES, LADDER, TRADES+LADDER, LADDER_Random, LADDER_cavRandom; plus
      `ladder_raw_eps`, our LADDER (its direction as `ladder`'s) trained on a raw ε list spanning the
-     authors' 0.5…25, to show what calibration changes, and `ladder_normal`, LADDER along the
-     boundary normal alone (the paper's direction; ours blends in a random one, perturb.random_share;
-     left out when the run's share is 0 already) (both under `extra_models`, outside the ranking);
+     authors' 0.5…25, to show what calibration changes; `ladder_normal`, LADDER along the boundary
+     normal alone (the paper's direction; ours blends in a random one, perturb.random_share); and
+     `ladder_share50`, our previous default (share 0.5, crossing quantiles 0.1…0.9) (all under
+     `extra_models`, outside the ranking; a row that would repeat the run's own LADDER is left out);
   4. the surrogate ("black") model, SmallCNN, 10 epochs on the same data; every pixel attack is
      crafted on it and transferred: FGSM and PGD (L∞ ε = 0.3, untargeted) on 450 test digits per
      class, CW-L2 and JSMA targeted on 50 per class × 9 targets, AutoAttack (standard) on 100 per
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.cli import load_data  # noqa: E402
 from services.datasets import ImageData, channels_first, stratified_split  # noqa: E402
-from services.method.config import LadderConfig  # noqa: E402
+from services.method.config import LadderConfig, PerturbConfig  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
 from services.method.models import ModelSpec, build_classifier  # noqa: E402
 from services.method.pipeline import STAGES, MemoryStore, Run, per_class  # noqa: E402
@@ -58,11 +60,14 @@ COLUMNS = ("fgsm", "jsma", "pgd", "cw", "song", "autoattack")  # the paper's col
 NAMES = {"vanilla": "vanilla", "control": "control (clean fine-tuning)", "fgsm_at": "FGSM-AT", "pgd_at": "PGD-AT",
          "trades": "TRADES", "ladder": "LADDER", "trades_ladder": "TRADES+LADDER", "ladder_random": "LADDER_Random",
          "ladder_cavrandom": "LADDER_cavRandom", "ladder_raw_eps": "LADDER, raw ε",
-         "ladder_normal": "LADDER, normal only (paper)"}
+         "ladder_normal": "LADDER, normal only (paper)",
+         "ladder_share50": "LADDER, share 0.5, quantiles 0.1…0.9 (the previous default)"}
 # ε spanning the authors' MNIST list (0.5 … 25, method.md), geometric, as many values as the calibrated list
 RAW_EPS = [0.5, 1.33, 3.54, 9.4, 25.0]
-# LADDER as the paper has it, outside the ranking: the perturb settings each one changes
-EXTRA_LADDERS = {"ladder_raw_eps": {"eps": RAW_EPS}, "ladder_normal": {"random_share": 0.0}}
+# LADDER as the paper has it, and as our previous default had it, outside the ranking: the perturb settings each
+# one changes
+EXTRA_LADDERS = {"ladder_raw_eps": {"eps": RAW_EPS}, "ladder_normal": {"random_share": 0.0},
+                 "ladder_share50": {"random_share": 0.5, "crossing_quantiles": [0.1, 0.25, 0.5, 0.75, 0.9]}}
 # the paper's Table 2 (MNIST, LeNet, black-box), accuracy %; Table 8 for the white-box LADDER attack
 PAPER = {
     "vanilla": {"clean": 99.13, "fgsm": 46.6, "jsma": 93.91, "pgd": 29.93, "cw": 99.09, "song": 99.82, "autoattack": 99.56,
@@ -115,6 +120,8 @@ def configure(args: argparse.Namespace) -> LadderConfig:
         "seed": args.seed,
         "variants": [] if args.core else BASELINES,
         "perturb": {"samples_per_class": args.sources_per_class},
+        # the generator trains to its epoch limit: no wall-time cap, so the numbers do not depend on the machine
+        "generator": {"time_budget_s": 1e9},
         "finetune": {"epochs": args.finetune_epochs},
         "evaluate": {
             "attacks": ["fgsm", "pgd", "cw", "jsma", "autoattack", "ladder"],
@@ -128,7 +135,7 @@ def configure(args: argparse.Namespace) -> LadderConfig:
         cfg["perturb"]["random_share"] = args.random_share
     if args.smoke:  # the same code path on small data: caps and epochs only
         cfg["boundary"] = {"samples_per_class": 60, "holdout_per_class": 20, "attention_steps": 5}
-        cfg["generator"] = {"max_epochs": 2}
+        cfg["generator"]["max_epochs"] = 2
         cfg["perturb"]["calibration_samples"] = 200
         ev = cfg["evaluate"]
         ev.update(surrogate_epochs=1, attack={"pgd_steps": 5})
@@ -253,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     t = part(f"fine-tuning ({len(tuned['weights'])} models × {args.finetune_epochs} epochs)", t)
 
     extra_runs = {}
-    extras = {} if args.core else {k: v for k, v in EXTRA_LADDERS.items()
-                                   if not (k == "ladder_normal" and cfg.perturb.random_share == 0)}  # no duplicate
-    for name, change in extras.items():  # the stages before the examples are shared
-        extra_runs[name] = r = Run(vanilla, SPEC, train, test, cfg.model_copy(update={
-            "variants": [], "perturb": cfg.perturb.model_copy(update=change)}), MemoryStore(), Ticker())
+    perturbs = {k: PerturbConfig.model_validate({**cfg.perturb.model_dump(), **v}) for k, v in EXTRA_LADDERS.items()}
+    extras = {} if args.core else {k: p for k, p in perturbs.items() if p != cfg.perturb}  # none repeats the run's LADDER
+    for name, perturb in extras.items():  # the stages before the examples are shared
+        extra_runs[name] = r = Run(vanilla, SPEC, train, test, cfg.model_copy(update={"variants": [], "perturb": perturb}),
+                                   MemoryStore(), Ticker())
         for stage in STAGES[:3]:
             r.store.save(stage, run.output(stage))
         tick = time.perf_counter()
@@ -265,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         tuned["weights"][name], tuned["loss"][name] = weights, loss
         tuned["seconds"][name] = time.perf_counter() - tick  # evaluated with the others, below
     if extra_runs:
-        t = part("LADDER on the raw ε list and along the normal only (examples and fine-tuning)", t)
+        t = part("extra LADDER rows (examples and fine-tuning)", t)
 
     run.output("evaluate")
     t = part("evaluation (surrogate training and every attack)", t)
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             "train": len(train), "test_full": len(full_test), "test_evaluated": len(test),
             "vanilla": {"architecture": "lenet", "epochs": args.vanilla_epochs, "lr": 0.01, "momentum": 0.5, "batch_size": 64},
             "finetune_epochs": args.finetune_epochs, "sources_per_class": args.sources_per_class,
-            "raw_eps": RAW_EPS if extra_runs else None, "smoke": args.smoke, "random_share": cfg.perturb.random_share,
+            "raw_eps": RAW_EPS if "ladder_raw_eps" in extra_runs else None, "smoke": args.smoke, "random_share": cfg.perturb.random_share,
         },
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "device": str(device),
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "generator": report["generator"],
         "calibration": report["calibration"],
         "raw_calibration": extra_runs["ladder_raw_eps"].calibration(extra_runs["ladder_raw_eps"].output("adversarial"))
-        if extra_runs else None,
+        if "ladder_raw_eps" in extra_runs else None,
         "evaluation": report["evaluation"],
         "finetune": report["finetune"],
         "stage_seconds": report["stage_seconds"],

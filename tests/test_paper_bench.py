@@ -24,8 +24,9 @@ def _smoke(script: str, out: Path, *extra: str) -> dict:
 def test_paper_mnist_smoke_run_writes_the_table_and_a_report_shaped_json(tmp_path):
     out = tmp_path / "paper.json"
     result = _smoke("paper_mnist.py", out)
-    assert set(result["models"]) == MODELS and set(result["extra_models"]) == {"ladder_raw_eps", "ladder_normal"}
-    assert result["config"]["perturb"]["random_share"] == 0.5 == result["protocol"]["random_share"]  # the service's default
+    assert set(result["models"]) == MODELS
+    assert set(result["extra_models"]) == {"ladder_raw_eps", "ladder_normal", "ladder_share50"}
+    assert result["config"]["perturb"]["random_share"] == 0.85 == result["protocol"]["random_share"]  # the service's default
     for name, m in {**result["models"], **result["extra_models"]}.items():
         assert 0 <= m["clean_accuracy"] <= 1
         assert set(m["attacks"]["blackbox"]) == {"fgsm", "pgd", "cw", "jsma", "autoattack"}, name
@@ -40,7 +41,8 @@ def test_paper_mnist_smoke_run_writes_the_table_and_a_report_shaped_json(tmp_pat
     assert len(result["goals"]) == 6 and all(isinstance(g["met"], bool) for g in result["goals"])
     table = out.with_suffix(".md").read_text()
     assert "| LADDER |" in table and "| LADDER, raw ε |" in table and "/ 99.13" in table  # ours beside the paper's
-    assert "| LADDER, normal only (paper) |" in table
+    assert "| LADDER, normal only (paper) |" in table and "(the previous default) |" in table
+    assert result["config"]["generator"]["time_budget_s"] >= 1e8  # trained to its epoch limit, whatever the machine
     assert result["wall_seconds"]["total"] > 0 and "evaluation (surrogate training and every attack)" in result["wall_seconds"]
     assert result["machine"]["device"] == "cpu" and result["machine"]["gpu"] is None
 
@@ -74,6 +76,8 @@ def test_ladder_recipes_smoke_run_scores_every_recipe_on_shared_examples(tmp_pat
     assert "| ladder_random_high_eps |" in out.with_suffix(".md").read_text()
     # a recipe's fine-tuning settings are its own; the blends differ in their share of the random direction
     assert models["control_cosine"]["finetune"] == {"lr_schedule": "cosine"} and models["control"]["finetune"] == {}
+    assert models["control_cosine"]["loss"] != models["control"]["loss"]  # same seed and data: only the schedule differs
+    assert models["ladder_mix85_high_eps"]["random_share"] == 0.85 and models["ladder_high_eps"]["random_share"] is None
     assert models["ladder_mix85_high_eps"]["eps"] == models["ladder_mix_high_eps"]["eps"]
     assert models["ladder_mix85_high_eps"]["leaves_source"] != models["ladder_mix_high_eps"]["leaves_source"]
     # the _kept recipes train on the examples the vanilla model still assigns to their source, and no others

@@ -127,3 +127,18 @@ def test_checkpoint_refuses_foreign_classes(tmp_path):
     with pytest.raises(ValueError, match="refusing"):
         checkpoints.load(tmp_path / "evil.safetensors")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_finetune_settings_reach_fit_the_runs_own_or_an_override(lenet, monkeypatch):
+    """Run.finetune_one trains with cfg.finetune (its schedule included), or with the settings it is handed."""
+    import services.method.pipeline as pipeline
+    from services.method.config import FinetuneConfig
+
+    seen = []
+    monkeypatch.setattr(pipeline, "fit", lambda model, x, y, **kw: seen.append(kw) or [0.0])
+    cfg = quick_config(finetune={"epochs": 2, "lr_schedule": "cosine"})
+    run = Run(lenet.model, lenet.spec, lenet.train, lenet.test, cfg, MemoryStore())
+    run.finetune_one({"alpha": 1.0})
+    run.finetune_one({"alpha": 1.0}, finetune=FinetuneConfig(epochs=1, lr=0.05))
+    assert [(k["schedule"], k["epochs"], k["lr"], k["alpha"]) for k in seen] == [("cosine", 2, 0.01, 1.0),
+                                                                                  ("constant", 1, 0.05, 1.0)]

@@ -6,6 +6,8 @@ together with its seed is enough to repeat the run.
 
 from typing import Literal
 
+LRSchedule = Literal["constant", "cosine"]
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -42,14 +44,15 @@ class PerturbConfig(_Section):
 
     eps: list[float] | None = Field(None, description="raw ε values; None = calibrate per model")
     crossing_quantiles: list[float] = Field(
-        [0.1, 0.25, 0.5, 0.75, 0.9], description="calibrated ε: where these fractions of latents cross"
+        [0.5, 0.75, 0.9, 0.95, 0.99], description="calibrated ε: where these fractions of latents cross (along the "
+                                                  "normal); the paper's protocol favours the top half (docs/method.md)"
     )
     calibration_samples: int = Field(2000, ge=10)
     samples_per_class: int | None = Field(None, ge=1, description="source images per class; None = all")
     batch_size: int = Field(1024, ge=1)
     cav_noise: float = Field(0.01, gt=0, description="LADDER_cavRandom: β ⊙ (d + N(0, I)·noise) (authors: /100)")
     random_share: float = Field(
-        0.5, ge=0, le=1,
+        0.85, ge=0, le=1,
         description="LADDER's step: √(1−s)·β⊙d + √s·r, r a random direction as long as β⊙d (0 = the paper's "
                     "normal, 1 = LADDER_Random); ε is still calibrated along the normal (docs/paper-reproduction.md)",
     )
@@ -74,8 +77,8 @@ class FinetuneConfig(_Section):
 
     epochs: int = Field(10, ge=1, description="passes over the clean training set (authors: 100)")
     lr: float = Field(0.01, gt=0)
-    lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="the learning rate per step: constant (the paper's), or a cosine from lr to 0")
+    lr_schedule: LRSchedule = Field(
+        "constant", description="the learning rate per step: constant (the paper's), or a cosine from lr towards 0")
     momentum: float = Field(0.5, ge=0, lt=1)
     batch_size: int = Field(64, ge=1)
     alpha: float = Field(0.5, ge=0, le=1, description="1.0 = the clean-only control")

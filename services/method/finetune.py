@@ -9,16 +9,17 @@ has BatchNorm (so that its batch statistics are not a blend of both, as in TRADE
 
 import math
 from collections.abc import Callable
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from services.method.config import LRSchedule
 from services.method.models import eval_mode
 from services.method.progress import Progress, silent
 
 Craft = Callable[[nn.Module, Tensor, Tensor], Tensor]
-SCHEDULES = ("constant", "cosine")
 
 
 def kl_divergence(logits_clean: Tensor, logits_adv: Tensor) -> Tensor:
@@ -40,7 +41,7 @@ def fit(
     extra: tuple[Tensor, Tensor] | None = None,
     craft: Craft | None = None,
     trades: tuple[float, Craft] | None = None,
-    schedule: str = "constant",
+    schedule: LRSchedule = "constant",
     stage: str = "finetune",
     progress: Progress = silent,
 ) -> list[float]:
@@ -49,12 +50,12 @@ def fit(
     The loss is α·L(x, y) + (1 − α)·CE(f(x̂), y), x̂ from `extra` (a generated set) or `craft` (made per
     batch). L is CE, or with `trades = (β, craft)` TRADES' CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' crafted
     per batch. α = 0 drops the clean term (PGD-AT as in Madry et al.). `schedule`: the learning rate stays at
-    `lr` ("constant", the paper's) or follows a cosine from `lr` to 0 over all steps ("cosine"), step by step.
+    `lr` ("constant", the paper's) or follows a cosine from `lr` towards 0 over all steps ("cosine": step k of K takes lr·½(1 + cos(πk/K))).
     """
     if alpha < 1 and (extra is None) == (craft is None):
         raise ValueError("alpha < 1 needs exactly one source of extra examples: `extra` or `craft`")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
+    if schedule not in get_args(LRSchedule):
+        raise ValueError(f"schedule must be one of {get_args(LRSchedule)}, not {schedule!r}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks
     device = next(model.parameters()).device
