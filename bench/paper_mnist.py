@@ -133,6 +133,8 @@ def configure(args: argparse.Namespace) -> LadderConfig:
     }
     if args.random_share is not None:
         cfg["perturb"]["random_share"] = args.random_share
+    if args.crossing_quantiles is not None:
+        cfg["perturb"]["crossing_quantiles"] = args.crossing_quantiles
     if args.smoke:  # the same code path on small data: caps and epochs only
         cfg["boundary"] = {"samples_per_class": 60, "holdout_per_class": 20, "attention_steps": 5}
         cfg["generator"]["max_epochs"] = 2
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-share", type=float, default=None,
                    help="LADDER's step: the share of a random direction (perturb.random_share; default: the service's; "
                         "0 = the paper's normal)")
+    p.add_argument("--crossing-quantiles", type=float, nargs="+", default=None,
+                   help="LADDER's calibrated ε list (perturb.crossing_quantiles; default: the service's)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.smoke:

@@ -113,3 +113,14 @@ def test_seed_spread_table_of_the_committed_gpu_recipes():
     assert "| ladder_mix |" in r.stdout and "| vanilla | " in r.stdout and "0.00 ± 0.00 |" in r.stdout
     mixed = _seeds(runs[0], ROOT / "bench" / "results" / "paper_mnist_gpu_seed1.json")
     assert mixed.returncode == 2 and "different benches" in mixed.stderr
+
+
+def test_seed_spread_of_named_models_leaves_out_the_ranks():
+    runs = [ROOT / "bench" / "results" / f"paper_mnist_share50_seed{s}.json" for s in range(2)]
+    r = _seeds("--models", "vanilla,control,ladder", *runs)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert rows[1:4] == ["| vanilla", "| control (clean fine-tuning)", "| LADDER"] and "| FGSM-AT" not in rows
+    assert "avg rank" not in r.stdout and "best average rank" not in r.stdout and "| PGD | +13.69 | +8.27 |" in r.stdout
+    missing = _seeds("--models", "vanilla,ladder_share50", *runs)
+    assert missing.returncode == 2 and "needs the models" in missing.stderr
