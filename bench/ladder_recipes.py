@@ -16,7 +16,7 @@ This one holds everything but the examples fixed and varies only how they are ma
   - each model is scored on the whole test set (clean) and on transfer FGSM and PGD (L∞ ε = 0.3,
     40 steps, random start, crafted once on the SmallCNN surrogate) on 200 test digits per class.
 The recipes: the clean-only control; LADDER at the calibrated ε (crossing quantiles 0.1 … 0.9, the
-service's default until issue 5's stop 11) and at larger ε (quantiles 0.5 … 0.99, the default since); and at
+service's default until November 2026) and at larger ε (quantiles 0.5 … 0.99, the default since); and at
 each ε list the two ablations, LADDER_Random (a random latent direction of the same norm) and LADDER_cavRandom.
 The `_kept` recipes test
 why the normal loses to a random direction: they drop every generated example the vanilla model no longer
