@@ -18,9 +18,8 @@ This one holds everything but the examples fixed and varies only how they are ma
 The recipes: the clean-only control; LADDER at the calibrated ε (crossing quantiles 0.1 … 0.9, the
 service's default until November 2026) and at larger ε (quantiles 0.5 … 0.99, the default since); and at
 each ε list the two ablations, LADDER_Random (a random latent direction of the same norm) and LADDER_cavRandom.
-The `_kept` recipes test
-why the normal loses to a random direction: they drop every generated example the vanilla model no longer
-assigns to its source class (an example labelled with a class it has left is a wrong label), for both
+The `_kept` recipes test why the normal loses to a random direction: they drop every generated example the
+vanilla model no longer assigns to its source class (an example labelled with a class it has left is a wrong label), for both
 directions alike. The `ladder_mix` recipes move half-way between the two: (normal step + random step) / √2,
 boundary-guided still, with a random component as long as the normal one (the same length as LADDER's step,
 since a random direction in D dimensions is nearly orthogonal to the normal); `ladder_mix70` and `ladder_mix85`

@@ -44,14 +44,13 @@ def protocol_key(result: dict, models: list[str] | None = None) -> dict:
     """What must be equal across the seeds' files: the protocol, the configuration but its seed (attack caps,
     random_share, …), the device's kind and the models compared (with `models`: those models, whatever else the
     files trained)."""
-    config = {k: v for k, v in result.get("config", {}).items() if k != ("seed" if models is None else "variants")}
-    protocol = result["protocol"] if models is None else {k: v for k, v in result["protocol"].items() if k != "raw_eps"}
-    if models is not None:
-        config.pop("seed", None)
-        return {"protocol": protocol, "config": config, "device": result["machine"].get("device", "cpu"),
-                "models": [m for m in models if m in result["models"]]}
-    return {"protocol": protocol, "config": config, "device": result["machine"].get("device", "cpu"),
-            "models": sorted(result["models"]), "extra": sorted(result.get("extra_models", {}))}
+    skip = {"seed"} if models is None else {"seed", "variants"}  # a --core run trains no variants
+    key = {"protocol": result["protocol"], "config": {k: v for k, v in result.get("config", {}).items() if k not in skip},
+           "device": result["machine"].get("device", "cpu")}
+    if models is None:
+        return {**key, "models": sorted(result["models"]), "extra": sorted(result.get("extra_models", {}))}
+    key["protocol"] = {k: v for k, v in result["protocol"].items() if k != "raw_eps"}  # None in a --core run
+    return {**key, "models": [m for m in models if m in result["models"]]}
 
 
 def table(results: list[dict], models: list[str] | None = None) -> str:

@@ -6,9 +6,9 @@ together with its seed is enough to repeat the run.
 
 from typing import Literal
 
-LRSchedule = Literal["constant", "cosine"]
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LRSchedule = Literal["constant", "cosine"]
 
 
 class _Section(BaseModel):
