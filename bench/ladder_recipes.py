@@ -40,9 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from paper_mnist import DEFAULT_DATA, SPEC, configure, load_mnist, log  # noqa: E402
+from paper_mnist import DEFAULT_DATA, SPEC, changed, configure, load_mnist, log  # noqa: E402
 from services.method.attacks import fgsm, pgd  # noqa: E402
-from services.method.config import AttackConfig, FinetuneConfig  # noqa: E402
+from services.method.config import AttackConfig  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
 from services.method.models import build_classifier, device_of, load_net_weights  # noqa: E402
 from services.method.perturb import blend, calibrate, generate  # noqa: E402
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 "keep_source": keep_source, "examples": int(kept.sum()), "random_share": MIX_SHARES.get(direction)}
         # alpha and epochs stay the run's: a recipe changes the optimiser's settings only
         assert set(tuning) <= {"lr", "lr_schedule", "momentum", "batch_size"}, tuning
-        weights, loss = run.finetune_one(how, finetune=FinetuneConfig.model_validate({**cfg.finetune.model_dump(), **tuning}))
+        weights, loss = run.finetune_one(how, finetune=changed(cfg.finetune, tuning))
         entry["finetune"] = tuning
         model = build_classifier(SPEC).to(device)
         load_net_weights(model, weights)

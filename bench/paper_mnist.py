@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.cli import load_data  # noqa: E402
 from services.datasets import ImageData, channels_first, stratified_split  # noqa: E402
-from services.method.config import LadderConfig, PerturbConfig  # noqa: E402
+from services.method.config import LadderConfig  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
 from services.method.models import ModelSpec, build_classifier  # noqa: E402
 from services.method.pipeline import STAGES, MemoryStore, Run, per_class  # noqa: E402
@@ -82,6 +82,11 @@ PAPER = {
     "trades_ladder": {"clean": 98.94, "fgsm": 54.8, "jsma": 93.36, "pgd": 52.04, "cw": 98.78, "song": 99.82,
                       "autoattack": 99.78},
 }
+
+
+def changed(section, change: dict):
+    """A config section with some settings changed, validated like the section itself (a typo is refused)."""
+    return type(section).model_validate({**section.model_dump(), **change})
 
 
 def load_mnist(data: str, smoke: bool, seed: int) -> tuple[ImageData, ImageData]:
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     t = part(f"fine-tuning ({len(tuned['weights'])} models × {args.finetune_epochs} epochs)", t)
 
     extra_runs = {}
-    perturbs = {k: PerturbConfig.model_validate({**cfg.perturb.model_dump(), **v}) for k, v in EXTRA_LADDERS.items()}
+    perturbs = {k: changed(cfg.perturb, v) for k, v in EXTRA_LADDERS.items()}
     extras = {} if args.core else {k: p for k, p in perturbs.items() if p != cfg.perturb}  # none repeats the run's LADDER
     for name, perturb in extras.items():  # the stages before the examples are shared
         extra_runs[name] = r = Run(vanilla, SPEC, train, test, cfg.model_copy(update={"variants": [], "perturb": perturb}),
