@@ -14,6 +14,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# bubblewrap: the sandbox the custom-model (.pt2) checks run in, unprivileged (user namespaces; the
+# api and worker services in docker-compose.yml relax Docker's seccomp/AppArmor defaults for it).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends bubblewrap \
+    && rm -rf /var/lib/apt/lists/*
+
 # An unprivileged user; /app is its working directory (LADDER_DATA_DIR, `ladder-data`, resolves
 # under it, but only the embedded default writes there).
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin ladder \

@@ -101,12 +101,15 @@ class _Hashing:
 class S3Store:
     """Artifacts as objects under `s3://bucket/prefix/` (AWS or any S3-compatible server)."""
 
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None, region: str = "us-east-1"):
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None, region: str = "us-east-1",
+                 access_key_id: str | None = None, secret_access_key: str | None = None):
         import boto3
         from boto3.s3.transfer import TransferConfig
 
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        self.s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+        # no keys given: boto3 looks them up itself (AWS_* variables, ~/.aws, an instance role)
+        self.s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name=region,
+                               aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key)
         # one part in flight at a time: boto3 then reads the file sequentially, so the hash is right
         self.transfer = TransferConfig(multipart_chunksize=64 * CHUNK, max_concurrency=1, use_threads=False)
 
@@ -155,11 +158,12 @@ class S3Store:
                 self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
 
 
-def open_store(url: str, endpoint_url: str | None = None, region: str = "us-east-1") -> ArtifactStore:
-    """The store for `file:///dir` or `s3://bucket/prefix`."""
+def open_store(url: str, endpoint_url: str | None = None, region: str = "us-east-1",
+               access_key_id: str | None = None, secret_access_key: str | None = None) -> ArtifactStore:
+    """The store for `file:///dir` or `s3://bucket/prefix` (S3 keys: given, else boto3's own lookup)."""
     u = urlparse(url)
     if u.scheme == "file":
         return LocalStore(Path(u.path))
     if u.scheme == "s3":
-        return S3Store(u.netloc, u.path, endpoint_url, region)
+        return S3Store(u.netloc, u.path, endpoint_url, region, access_key_id, secret_access_key)
     raise ValueError(f"artifact store {url!r}: use file:///path or s3://bucket/prefix")

@@ -3,30 +3,50 @@
 With nothing set, the service runs embedded: SQLite and a local artifact directory under
 `LADDER_DATA_DIR`, and an in-process worker instead of Celery. Set `LADDER_DATABASE_URL` and
 `LADDER_BROKER_URL` (and, for several machines, `LADDER_ARTIFACTS_URL=s3://bucket/prefix`) to run
-the API and Celery workers against PostgreSQL, Redis and a shared store.
+the API and Celery workers against PostgreSQL, Redis and a shared store. Secrets can come from
+files instead (`LADDER_DATABASE_URL_FILE=/run/secrets/...`), and `LADDER_ENVIRONMENT=production`
+refuses the embedded defaults and default passwords.
 """
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MB = 1 << 20
 
+# Secrets from LADDER_<NAME>_FILE, not secrets_dir: each variable names its file, and a missing file is an error, not skipped.
+SECRET_FIELDS = ("database_url", "broker_url", "s3_access_key_id", "s3_secret_access_key")
+# Refused in production (any case), as is any password shorter than 8 characters: defaults of the images and of older compose files.
+WEAK_PASSWORDS = frozenset({"", "ladder", "postgres", "minioadmin", "password", "guest", "redis", "admin", "root", "secret",
+                            "changeme", "ladder-minio-secret"})
+
 
 class Settings(BaseSettings):
     """The service's configuration (environment variables `LADDER_<FIELD>`)."""
 
-    model_config = SettingsConfigDict(env_prefix="LADDER_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a refused setting's error must not print the URLs and keys it was given
+    model_config = SettingsConfigDict(env_prefix="LADDER_", env_file=".env", extra="ignore", hide_input_in_errors=True)
 
-    environment: str = Field("development", description="development or production; production refuses unsafe defaults")
+    environment: Literal["development", "production"] = Field("development", description="production refuses unsafe defaults")
     data_dir: Path = Field(Path("ladder-data"), description="embedded database and local artifacts live here")
     database_url: str | None = Field(None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default: SQLite in data_dir")
     broker_url: str | None = Field(None, description="Celery broker, e.g. redis://host:6379/0; default: an in-process worker")
     artifacts_url: str | None = Field(None, description="file:///path or s3://bucket/prefix; default: data_dir/artifacts")
     s3_endpoint_url: str | None = Field(None, description="for S3-compatible stores (MinIO, …)")
     s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = Field(None, description="S3 credentials; default: boto3's own lookup (AWS_* variables, instance role)")
+    s3_secret_access_key: str | None = None
+    shared_artifact_dir: bool = Field(False, description="production: every API and worker mounts the file:// artifact directory")
+    # LADDER_<NAME>_FILE: read <name> from this file (docker/Kubernetes secrets); see SECRET_FIELDS
+    database_url_file: Path | None = None
+    broker_url_file: Path | None = None
+    s3_access_key_id_file: Path | None = None
+    s3_secret_access_key_file: Path | None = None
 
     db_pool_size: int = Field(40, description="database connections per process (the API's threadpool has 40 threads)")
 
@@ -55,10 +75,66 @@ class Settings(BaseSettings):
     progress_every_s: float = 1.0
     api_key_cache_s: float = 30.0  # a revoked key may still work this long on a running API
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        """LADDER_<NAME>_FILE: the value of <name> is that file's content (surrounding whitespace dropped)."""
+        if not isinstance(data, dict):
+            return data
+        for name in SECRET_FIELDS:
+            path = data.get(f"{name}_file")
+            if not path:
+                continue
+            var = f"LADDER_{name.upper()}"
+            if data.get(name):
+                raise ValueError(f"set {var} or {var}_FILE, not both")
+            try:
+                value = Path(path).read_text().strip()
+            except OSError as e:
+                raise ValueError(f"{var}_FILE={path}: cannot read it ({e.strerror or e})") from e
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{var}_FILE={path}: not UTF-8 text") from e
+            if not value:
+                raise ValueError(f"{var}_FILE={path} is empty")
+            data = {**data, name: value}
+        return data
+
+    @model_validator(mode="after")
+    def _check_production(self) -> "Settings":
+        """S3 keys come in pairs; what production refuses (each message says what to set instead)."""
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError("set LADDER_S3_ACCESS_KEY_ID and LADDER_S3_SECRET_ACCESS_KEY together (or neither, for boto3's own lookup)")
+        if self.environment != "production":
+            return self
+        if not self.database_url or self.database_url.startswith("sqlite"):
+            raise ValueError("production needs LADDER_DATABASE_URL (or LADDER_DATABASE_URL_FILE) pointing at PostgreSQL, not SQLite")
+        if not self.broker_url:
+            raise ValueError("production needs LADDER_BROKER_URL (or _FILE), e.g. redis://:PASSWORD@redis:6379/0: "
+                             "the embedded worker is for development")
+        if _weak(urlsplit(self.database_url).password):
+            raise ValueError("LADDER_DATABASE_URL carries a default or weak password: "
+                             "give the database role a random one of 8+ characters (scripts/make-secrets)")
+        broker_password = urlsplit(self.broker_url).password
+        if broker_password is None:
+            raise ValueError("LADDER_BROKER_URL has no password: set Redis' requirepass and put it in the URL, redis://:PASSWORD@host:6379/0")
+        if _weak(broker_password):
+            raise ValueError("LADDER_BROKER_URL carries a default or weak password: "
+                             "give Redis a random one of 8+ characters (scripts/make-secrets)")
+        scheme = urlsplit(self.artifacts).scheme
+        if scheme == "s3":
+            given = self.s3_access_key_id is not None  # else boto3 reads its own AWS_* variables
+            key_id = self.s3_access_key_id if given else os.environ.get("AWS_ACCESS_KEY_ID")
+            secret = self.s3_secret_access_key if given else os.environ.get("AWS_SECRET_ACCESS_KEY")
+            if (key_id or "").lower() == "minioadmin" or _weak(secret):
+                raise ValueError("the S3 credentials are a default or a weak secret: give the service its own bucket-scoped user, "
+                                 "with a random secret, in LADDER_S3_ACCESS_KEY_ID / LADDER_S3_SECRET_ACCESS_KEY (or _FILE)")
+        if scheme == "file" and not self.shared_artifact_dir:
+            raise ValueError("LADDER_ARTIFACTS_URL is a local directory but API and workers need one store: use s3://bucket/prefix, "
+                             "or set LADDER_SHARED_ARTIFACT_DIR=true if every API and worker mounts that same directory")
+        return self
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        if self.environment == "production" and (not self.database_url or self.database_url.startswith("sqlite")):
-            raise ValueError("production needs LADDER_DATABASE_URL pointing at PostgreSQL")
         if self.broker_url and (not self.database_url or self.database_url.startswith("sqlite")):
             raise ValueError("with LADDER_BROKER_URL set, API and workers share jobs through LADDER_DATABASE_URL: point it at PostgreSQL")
         return self
@@ -77,6 +153,14 @@ class Settings(BaseSettings):
     def artifacts(self) -> str:
         """The artifact store URL, a local directory under data_dir by default."""
         return self.artifacts_url or (self.data_dir / "artifacts").resolve().as_uri()
+
+
+def _weak(password: str | None) -> bool:
+    """A known default, or under 8 characters (None, no password in the URL, is not weak by itself)."""
+    if password is None:
+        return False
+    password = unquote(password)
+    return len(password) < 8 or password.lower() in WEAK_PASSWORDS
 
 
 @lru_cache
