@@ -1,58 +1,51 @@
-"""Load a custom model (a torch.export archive, .pt2) and try it, in a child process under limits.
+"""The sandboxed child that deserialises an uploaded torch.export archive (.pt2); run by services.sandbox only.
 
-`python -m services.pt2check PATH SPEC_JSON MEMORY_BYTES` caps its own address space, loads the
-archive, runs the network on random batches of the spec's shape, splits it into latents and head
-and takes one gradient step's backward pass; it prints one JSON line, `{}` or `{"error": message}`.
-The parent (services.uploads) has already refused, without loading anything, every archive that
-holds native code, non-tensor pickles or Python snippets; this process is the second wall.
+`python -m services.pt2check MODE IN_FD OUT_FD SPEC_JSON MEMORY_BYTES CPU_S` caps its own memory, CPU
+time, processes, open files and file sizes, reads the archive from descriptor IN_FD, loads it with
+torch.export.load, turns its graph into the allow-listed form of services.method.graphnet, rebuilds
+the network from that form as the worker will, and writes the form to descriptor OUT_FD. MODE `check`
+also tries the network (random batches of the spec's shape, the latent split, one backward pass);
+MODE `convert` does not. It prints one JSON line, `{}` or `{"error": message}`. The parent has already refused every
+archive whose names are not plain identifiers or whose members hold native code, non-tensor pickles or
+Python snippets (services.pt2scan); this process is the second wall, and the sandbox the third.
 """
 
+import io
 import json
-import math
-import operator
+import os
 import resource
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
-from torch import fx
 
 from services.errors import InputError
-from services.method.models import Classifier, ModelSpec, exported_classifier, prepare
-
-OPERATOR_NAMESPACES = ("aten", "prims")
-HIGHER_ORDER_OPS = ("cond", "while_loop", "map_impl", "scan", "wrap_with_set_grad_enabled", "wrap_with_autocast")
-SYMBOLIC_OPS = (  # what an exported graph computes on symbolic sizes (a dynamic batch)
-    operator.getitem, operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
-    operator.neg, operator.pos, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-    operator.and_, operator.or_, math.trunc, torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min,
-    torch.sym_not, torch.sym_ite, torch.sym_sqrt,
-)
+from services.method import graphnet
+from services.method.models import Classifier, ModelSpec, check_outputs, prepare
 
 
-def _is_operator(target: object) -> bool:
-    """Whether a graph node's target is a PyTorch operator (or size arithmetic), not arbitrary Python."""
-    if isinstance(target, torch._ops.OpOverload):
-        return target.namespace in OPERATOR_NAMESPACES
-    if isinstance(target, torch._ops.HigherOrderOperator):
-        return target.name() in HIGHER_ORDER_OPS
-    return any(target is op for op in SYMBOLIC_OPS)
-
-
-def load_exported(path: Path, spec: ModelSpec) -> Classifier:
-    """The classifier of a .pt2 archive that passed the upload scan; refuses graphs that call anything but operators."""
+def load_program(f: io.BufferedIOBase) -> torch.export.ExportedProgram:
+    """The exported program of an archive that passed the upload scan (graphnet.encode then checks every call)."""
     try:
-        with path.open("rb") as f:  # a file object: stored uploads have no .pt2 suffix
-            program = torch.export.load(f)
+        program = torch.export.load(f)
     except Exception as e:  # deserialising an untrusted archive fails in many ways; each is an input problem
         raise InputError(f"model: the .pt2 archive cannot be loaded ({type(e).__name__}: {_first_line(e)}); "
                          f"save it with torch.export.save (torch {torch.__version__.split('+')[0]})") from e
-    for module in program.graph_module.modules():
-        for node in module.graph.nodes if isinstance(module, fx.GraphModule) else ():
-            if node.op == "call_function" and not _is_operator(node.target):
-                raise InputError(f"model: the exported graph calls {node.target!r}, which is not a PyTorch operator; "
-                                 "export a network built from torch operations only")
-    return exported_classifier(program, spec)
+    return program
+
+
+def rebuilt(program: torch.export.ExportedProgram, spec: ModelSpec) -> tuple[Classifier, bytes]:
+    """The classifier the worker will get (through the graphnet form and back), and that form's bytes."""
+    graph, tensors = graphnet.encode(program)
+    data = graphnet.to_bytes(graph, tensors)
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        net = graphnet.read(Path(tmp.name))
+    model = Classifier(net, spec.mean, spec.std).eval()
+    check_outputs(model, spec)
+    return model, data
 
 
 def trial(model: Classifier, spec: ModelSpec) -> None:
@@ -87,17 +80,30 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
 
 
-def main(argv: list[str]) -> int:
-    """Entry point of the child process: load, try, print one JSON line."""
-    path, spec_json, memory = argv
+def limit(memory: int, cpu_s: int) -> None:
+    """Cap this process: address space, CPU seconds, processes/threads, open files, file size, no core dumps."""
     # set here rather than in a preexec_fn, which is unsafe in the API's threaded process; torch is already
-    # imported (trusted code), so the cap bounds what loading and running the archive may add
-    resource.setrlimit(resource.RLIMIT_AS, (int(memory), int(memory)))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # imported (trusted code), so the caps bound what loading and running the archive may add
+    for what, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_NPROC, 64),
+                        (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_FSIZE, min(memory, 4 << 30)),
+                        (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(what, (value, value))
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of the sandboxed child: load, convert or try, print one JSON line."""
+    mode, in_fd, out_fd, spec_json, memory, cpu_s = argv
+    limit(int(memory), int(cpu_s))
     torch.set_num_threads(1)
     try:
         spec = ModelSpec.model_validate_json(spec_json)
-        trial(load_exported(Path(path), spec), spec)
+        with os.fdopen(int(in_fd), "rb") as f:
+            program = load_program(f)
+        model, data = rebuilt(program, spec)
+        if mode == "check":
+            trial(model, spec)
+        with os.fdopen(int(out_fd), "wb") as out:
+            out.write(data)
         result = {}
     except InputError as e:
         result = {"error": str(e)}
