@@ -103,7 +103,7 @@ def check_arrays(
         raise InputError(f"{what} is empty; give at least one image per class")
     if len(y_shape) != 1 or y_shape[0] != x_shape[0]:
         raise InputError(f"{what}: y has shape {list(y_shape)}; give one label per image, shape [{x_shape[0]}]")
-    if not np.issubdtype(y_dtype, np.integer):
+    if y_dtype.kind not in "iu":  # timedelta64 passes np.issubdtype(…, np.integer), structured and sub-array dtypes not
         raise InputError(f"{what}: labels have dtype {y_dtype}; give integer class indices")
     if x_dtype != np.uint8 and not np.issubdtype(x_dtype, np.floating):
         raise InputError(f"{what}: images have dtype {x_dtype}; give uint8 (0–255) or float in [0,1]")

@@ -61,8 +61,15 @@ class Settings(BaseSettings):
     max_unzipped_bytes: int = 4096 * MB
     max_zip_ratio: int = 200
     max_zip_members: int = 100_000  # zipfile keeps ~0.5 kB per member in memory
+    max_num_classes: int = Field(100_000, ge=2, description="a spec's num_classes (its last layer is num_classes × the latent size)")
+    max_model_parameters: int = Field(500_000_000, ge=1, description="parameters of a zoo network, counted on the meta device before any weight is read")
     pt2_load_timeout_s: int = 120
     pt2_load_memory_bytes: int = 8192 * MB
+    pt2_max_concurrent: int = Field(2, ge=1, description="sandboxed .pt2 loads at once per process; more wait, then answer 503")
+    # a request body that stalls is answered 408 and its connection closed (api/app.py, BodyTimeout)
+    body_read_timeout_s: float = Field(60.0, gt=0, description="seconds allowed between two chunks of a request body (nginx: 60)")
+    body_total_timeout_s: float = Field(3600.0, gt=0, description="seconds allowed for a whole request body (2 GiB at 0.6 MB/s)")
+    header_timeout_s: float = Field(60.0, gt=0, description="seconds allowed for a request's line and headers (api/app.py, GuardedHttp)")
 
     # workers
     queue: str = "ladder"
@@ -74,6 +81,14 @@ class Settings(BaseSettings):
     max_attempts: int = 3  # per stage; a stage that loses its worker this often fails the job
     progress_every_s: float = 1.0
     api_key_cache_s: float = 30.0  # a revoked key may still work this long on a running API
+
+    # what one job may cost, checked at submission (services/bounds.py); the defaults admit the paper's protocol
+    max_epochs: int = Field(100, ge=1, description="finetune.epochs, generator.max_epochs, evaluate.surrogate_epochs (authors: 100)")
+    max_samples: int = Field(60_000, ge=1, description="every sample count of a config (full MNIST: 60,000 training images)")
+    max_steps: int = Field(1000, ge=1, description="iterations of an attack or solver: PGD (evaluation, baselines), CW, the SVM's")
+    max_eps_values: int = Field(20, ge=1, description="values in perturb.eps or perturb.crossing_quantiles")
+    max_variants: int = Field(6, ge=0, description="models in variants (6: every defence and ablation)")
+    max_active_jobs_per_tenant: int = Field(4, ge=0, description="queued + running jobs of one tenant; more answer 429; 0 = no cap")
 
     @model_validator(mode="before")
     @classmethod

@@ -15,13 +15,12 @@ import ast
 import io
 import json
 import math
-import os
 import pickletools
 import re
 import stat
 import struct
-import subprocess
-import sys
+import tempfile
+import unicodedata
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -32,12 +31,13 @@ from typing import IO, Self
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
 from pydantic import ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from services import pt2check
+from services import sandbox
 from services.datasets import (
     ImageData,
     channels_last,
@@ -50,6 +50,7 @@ from services.datasets import (
     require_class_counts,
 )
 from services.errors import InputError, one_line
+from services.method import graphnet
 from services.method.config import LadderConfig
 from services.method.models import (
     CUSTOM,
@@ -90,6 +91,9 @@ class Limits:
     zip_members: int
     pt2_timeout_s: int
     pt2_memory_bytes: int
+    pt2_concurrent: int = 2  # sandboxed .pt2 loads at once in this process
+    num_classes: int = 100_000  # a spec's num_classes
+    model_parameters: int = 500_000_000  # a zoo network's parameters, counted on the meta device
 
     @classmethod
     def from_settings(cls, s: Settings) -> "Limits":
@@ -98,6 +102,7 @@ class Limits:
             model_bytes=s.max_model_bytes, data_bytes=s.max_data_bytes, json_bytes=s.max_json_bytes,
             unzipped_bytes=s.max_unzipped_bytes, zip_ratio=s.max_zip_ratio, zip_members=s.max_zip_members,
             pt2_timeout_s=s.pt2_load_timeout_s, pt2_memory_bytes=s.pt2_load_memory_bytes,
+            pt2_concurrent=s.pt2_max_concurrent, num_classes=s.max_num_classes, model_parameters=s.max_model_parameters,
         )
 
 
@@ -141,6 +146,10 @@ def check_part(name: str, filename: str | None, content_type: str | None) -> Non
     media = (content_type or "").split(";")[0].strip().lower()
     if media and media not in rule.content_types:
         raise InputError(f"{name} has content type {media}; send it as {' or '.join(sorted(rule.content_types))}", 415)
+    if filename and (odd := _odd_character(filename)):
+        # NUL cannot be stored by PostgreSQL; the others corrupt logs and listings (and bidi overrides hide the suffix)
+        raise InputError(f"{name} file name {filename!r} holds the control or invisible character {odd}; "
+                         "rename the file to printable characters")
     if not filename:
         if rule.file:
             raise InputError(f"{name} must be a file named {' or '.join(f'*{s}' for s in rule.suffixes)}", 415)
@@ -150,6 +159,14 @@ def check_part(name: str, filename: str | None, content_type: str | None) -> Non
         if name == "model" and filename.lower().endswith(_PICKLED_SUFFIXES):
             hint = " (pickled checkpoints are never loaded: save the state dict with safetensors.torch.save_file)"
         raise InputError(f"{name} file {filename!r} is not {' or '.join(rule.suffixes)}{hint}", 415)
+
+
+def _odd_character(text: str) -> str | None:
+    """The first control, format (invisible), surrogate or line/paragraph-separator character of `text`, as U+XXXX."""
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            return f"U+{ord(ch):04X}"
+    return None
 
 
 def parse_spec(raw: bytes) -> ModelSpec:
@@ -171,8 +188,36 @@ def parse_config(raw: bytes | None) -> LadderConfig:
 
 
 def _json_object(raw: bytes, what: str) -> dict:
+    """A JSON object as strict JSON reads it: no NaN or Infinity (Python's json takes them, PostgreSQL refuses them),
+    no number that overflows a double or a 64-bit integer, and no key given twice (parsers differ on which one wins)."""
+
+    def constant(name: str) -> float:
+        raise InputError(f"{what} holds {name}, which is not JSON; give a finite number (or null where allowed)")
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise InputError(f"{what} holds the number {text[:40]}, beyond the range of a double; give a smaller number")
+        return value
+
+    def integer(text: str) -> int:
+        value = int(text) if len(text) <= 20 else None  # int() of thousands of digits is slow, then refused anyway
+        if value is None or not -(2**63) <= value < 2**63:
+            raise InputError(f"{what} holds the integer {text[:40]}{'…' if len(text) > 40 else ''}, beyond 64 bits; "
+                             "give a smaller number")
+        return value
+
+    def unique(pairs: list[tuple[str, object]]) -> dict:
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InputError(f"{what} gives the key {key[:100]!r} twice; give each key once")
+            seen.add(key)
+        return dict(pairs)
+
     try:
-        value = json.loads(raw.decode("utf-8-sig"))
+        value = json.loads(raw.decode("utf-8-sig"), parse_constant=constant, parse_float=number, parse_int=integer,
+                           object_pairs_hook=unique)
     except UnicodeDecodeError as e:
         raise InputError(f"{what} is not UTF-8 text ({e.reason} at byte {e.start}); send JSON encoded as UTF-8") from e
     except json.JSONDecodeError as e:
@@ -185,7 +230,8 @@ def _json_object(raw: bytes, what: str) -> dict:
 
 
 def check_model(path: Path, filename: str, spec: ModelSpec, limits: Limits) -> str:
-    """Check an uploaded model against the spec without building it; returns its format, safetensors or pt2."""
+    """Check an uploaded model against the spec without building it; returns its stored format: safetensors, or
+    graph for a .pt2, which this replaces at `path` by its network converted in the sandbox."""
     fmt = _file_format("model", filename)
     if path.stat().st_size > limits.model_bytes:
         raise InputError(f"model is larger than {_size(limits.model_bytes)}; upload a smaller model", 413)
@@ -195,12 +241,15 @@ def check_model(path: Path, filename: str, spec: ModelSpec, limits: Limits) -> s
     if fmt == "safetensors" and spec.architecture == CUSTOM:
         raise InputError(f"model: architecture {CUSTOM!r} needs the network itself, as a .pt2 archive written by "
                          "torch.export.save; .safetensors weights need a zoo architecture in the spec")
+    if spec.num_classes > limits.num_classes:
+        raise InputError(f"model_spec: num_classes {spec.num_classes:,} is beyond the limit of {limits.num_classes:,} "
+                         "(an operator can raise LADDER_MAX_NUM_CLASSES)", 413)
     if fmt == "safetensors":
-        _check_safetensors(path, spec)
-    else:
-        _scan_pt2(path, limits)
-        _trial_load(path, spec, limits)
-    return fmt
+        _check_safetensors(path, spec, limits)
+        return fmt
+    _scan_pt2(path, limits)
+    _convert_pt2(path, spec, limits, "check")  # the stored model is the converted network (format graph)
+    return "graph"
 
 
 def check_data(path: Path, filename: str, spec: ModelSpec, limits: Limits, what: str) -> DataInfo:
@@ -222,8 +271,11 @@ def load_model(path: Path, fmt: str, spec: ModelSpec) -> Classifier:
         except (SafetensorError, OSError) as e:
             raise InputError(f"model is not a readable safetensors file ({e}); save it with safetensors.torch.save_file") from e
         return build_classifier(spec, weights)
-    _scan_pt2(path, Limits.from_settings(get_settings()))
-    return pt2check.load_exported(path, spec)
+    if fmt == "pt2":  # a job stored before uploads were converted at submission
+        limits = Limits.from_settings(get_settings())
+        _scan_pt2(path, limits)
+        _convert_pt2(path, spec, limits, "convert")
+    return _load_graph(path, spec)
 
 
 def load_data(path: Path, fmt: str, spec: ModelSpec, what: str) -> ImageData:
@@ -235,7 +287,7 @@ def load_data(path: Path, fmt: str, spec: ModelSpec, what: str) -> ImageData:
         members = _image_members(zf, spec, what)
         x = np.empty((len(members), c, h, w), np.uint8)
         for i, (info, _) in enumerate(members):
-            x[i] = np.asarray(_decode(zf.read(info), info.filename, spec, what)).reshape(h, w, c).transpose(2, 0, 1)
+            x[i] = _decode(zf.read(info), info.filename, spec, what).transpose(2, 0, 1)
     return conform(from_arrays(x, np.array([k for _, k in members]), what), spec.input_shape, spec.num_classes, what)
 
 
@@ -273,6 +325,7 @@ class _Member:
 
     def __init__(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget):
         self._f, self._budget = zf.open(info), budget
+        self.size, self.pos = info.file_size, 0  # its declared inflated size, and the bytes read so far
 
     def read(self, n: int = -1) -> bytes:
         """Up to `n` bytes (all that is left for -1)."""
@@ -280,6 +333,7 @@ class _Member:
             return b"".join(iter(lambda: self.read(_CHUNK), b""))
         data = self._f.read(n)
         self._budget.spend(len(data))
+        self.pos += len(data)
         return data
 
     def __enter__(self) -> Self:
@@ -298,37 +352,142 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget, ca
 
 @contextmanager
 def _zip(source: Path | IO[bytes], what: str, limits: Limits, not_zip: str) -> Iterator[zipfile.ZipFile]:
-    """A zip archive whose directory passed the gate: member count and kinds, paths, declared sizes and ratios."""
+    """A zip archive whose directory passed the gate: end records and member count (read here, before zipfile
+    reads anything), member kinds, names, paths, declared sizes, ratios and overlaps."""
     with ExitStack() as stack:
         f = stack.enter_context(source.open("rb")) if isinstance(source, Path) else source
-        # the end record is read before zipfile parses the central directory, which it holds whole in memory
-        end = zipfile._EndRecData(f)
-        if end is None:
-            raise InputError(f"{what} {not_zip}")
-        if end[zipfile._ECD_ENTRIES_TOTAL] > limits.zip_members:
-            raise InputError(f"{what} holds {end[zipfile._ECD_ENTRIES_TOTAL]} files; the limit is {limits.zip_members}", 413)
-        if end[zipfile._ECD_SIZE] > _MAX_DIRECTORY:
-            raise InputError(f"{what}: the zip directory is larger than {_size(_MAX_DIRECTORY)}; use fewer or shorter names", 413)
+        # the end records and the directory's headers are read and counted here, under the caps, before zipfile
+        # parses the central directory (all of it, whatever the end record's count, each member kept in memory)
+        directory = _directory(f, what, limits, not_zip)
         try:
+            f.seek(0)
             zf = stack.enter_context(zipfile.ZipFile(f))
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
             raise InputError(f"{what} is a damaged zip archive ({e}); create it again") from e
-        if zf.start_dir != end[zipfile._ECD_OFFSET]:
-            # bytes before the archive shift every offset: zipfile allows for them, torch's reader may not
-            raise InputError(f"{what} has data before its zip archive (self-extracting or concatenated); create it again")
-        _check_members(zf.infolist(), what, limits)
+        if zf.start_dir != directory.offset:  # zipfile found another directory than ours
+            raise InputError(f"{what} is a damaged zip archive (its directory is not where its end record says); "
+                             "create it again")
+        _check_members(zf.infolist(), what, limits, directory.offset)
         try:
             yield zf
         except (zipfile.BadZipFile, EOFError, OSError) as e:  # a CRC or inflate error while reading a member
             raise InputError(f"{what} is a damaged zip archive ({e}); create it again") from e
 
 
-def _check_members(infos: list[zipfile.ZipInfo], what: str, limits: Limits) -> None:
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory: signature, disk, directory's disk, entries here, entries,
+#                                    directory size, directory offset, comment length
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")  # signature, disk of the zip64 record, its offset, disks
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")  # signature, record size, versions, disk, directory's disk, entries here,
+#                                        entries, directory size, directory offset
+_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")  # one central directory header (zipfile's structCentralDir)
+
+
+@dataclass(frozen=True)
+class _Directory:
+    """Where a zip's central directory starts, its size in bytes and its number of members (counted, not declared)."""
+
+    offset: int
+    size: int
+    members: int
+
+
+def _directory(f: IO[bytes], what: str, limits: Limits, not_zip: str) -> _Directory:
+    """Read the end record (and the zip64 one) as zipfile will, check them, then walk the directory's headers."""
+    f.seek(0, 2)
+    size = f.tell()
+    tail_size = min(size, _EOCD.size + 0xFFFF)  # the end record and a comment of at most 64 KiB
+    f.seek(size - tail_size)
+    tail = f.read(tail_size)
+    # zipfile takes a record that ends the file without a comment, else the last signature in the tail
+    at = tail.rfind(b"PK\x05\x06")
+    if tail[-_EOCD.size:][:4] == b"PK\x05\x06" and tail[-2:] == b"\0\0":
+        at = len(tail) - _EOCD.size
+    if at < 0 or len(tail) - at < _EOCD.size:
+        raise InputError(f"{what} {not_zip}")
+    _, disk, cd_disk, here, entries, cd_size, cd_offset, comment = _EOCD.unpack_from(tail, at)
+    end = size - tail_size + at  # where the end record starts
+    if end + _EOCD.size + comment != size:
+        # trailing bytes, or a comment holding another end record: readers would disagree on the archive
+        raise InputError(f"{what} has bytes after its zip archive's end record (or a comment of the wrong length); "
+                         "create it again")
+    directory_end = end
+    if end >= _EOCD64_LOCATOR.size:
+        f.seek(end - _EOCD64_LOCATOR.size)
+        sig, _, record_at, disks = _EOCD64_LOCATOR.unpack(f.read(_EOCD64_LOCATOR.size))
+        if sig == b"PK\x06\x07":  # zip64: zipfile takes the record just before the locator
+            directory_end = end - _EOCD64_LOCATOR.size - _EOCD64.size
+            f.seek(max(directory_end, 0))
+            record = f.read(_EOCD64.size)
+            if directory_end < 0 or len(record) < _EOCD64.size or record[:4] != b"PK\x06\x06":
+                raise InputError(f"{what} is a damaged zip archive (its zip64 end record is missing); create it again")
+            _, _, _, _, disk64, cd_disk64, here64, entries64, cd_size64, cd_offset64 = _EOCD64.unpack(record)
+            # the plain record's fields must agree with the zip64 ones, or say "see zip64" (all bits set)
+            for plain, wide, full in ((here, here64, 0xFFFF), (entries, entries64, 0xFFFF),
+                                      (cd_size, cd_size64, 0xFFFFFFFF), (cd_offset, cd_offset64, 0xFFFFFFFF)):
+                if plain not in (wide, full):
+                    raise InputError(f"{what} is a damaged zip archive (its end record and its zip64 end record "
+                                     "disagree); create it again")
+            disk, cd_disk = disk or disk64 or disks > 1, cd_disk or cd_disk64
+            here, entries, cd_size, cd_offset = here64, entries64, cd_size64, cd_offset64
+            if record_at != directory_end and cd_offset + cd_size == directory_end:
+                raise InputError(f"{what} is a damaged zip archive (its zip64 locator points elsewhere); create it again")
+    if disk or cd_disk or here != entries:
+        raise InputError(f"{what} spans several disks (a split archive); create it as one file")
+    if entries > limits.zip_members:
+        raise InputError(f"{what} holds {entries} files; the limit is {limits.zip_members}", 413)
+    if cd_size > _MAX_DIRECTORY:
+        raise InputError(f"{what}: the zip directory is larger than {_size(_MAX_DIRECTORY)}; use fewer or shorter names", 413)
+    if cd_offset + cd_size < directory_end:
+        # bytes before the archive shift every offset: zipfile allows for them, torch's reader may not
+        raise InputError(f"{what} has data before its zip archive (self-extracting or concatenated); create it again")
+    if cd_offset + cd_size > directory_end:
+        raise InputError(f"{what} is a damaged zip archive (its directory would run past its end record); create it again")
+    members = _count_members(f, cd_offset, cd_size, what, limits)
+    if members != entries:
+        raise InputError(f"{what}: the zip's end record counts {entries} files but its directory lists {members}; "
+                         "create the archive again")
+    return _Directory(cd_offset, cd_size, members)
+
+
+def _count_members(f: IO[bytes], offset: int, size: int, what: str, limits: Limits) -> int:
+    """The headers in the `size` bytes of directory at `offset`, read a chunk at a time; stops past the member cap."""
+    f.seek(offset)
+    buf, at, left, count = b"", 0, size, 0
+
+    def have(n: int) -> bool:
+        nonlocal buf, at, left
+        if len(buf) - at < n and left:
+            chunk = f.read(min(left, max(n, MiB)))
+            left -= len(chunk)
+            buf, at = buf[at:] + chunk, 0
+            if not chunk:
+                left = 0
+        return len(buf) - at >= n
+
+    while at < len(buf) or left:
+        if not have(_CENTRAL.size) or buf[at:at + 4] != b"PK\x01\x02":
+            raise InputError(f"{what} is a damaged zip archive (a broken directory entry after {count} files); "
+                             "create it again")
+        fields = _CENTRAL.unpack_from(buf, at)
+        n = _CENTRAL.size + fields[12] + fields[13] + fields[14]  # name, extra field and comment lengths
+        if not have(n):
+            raise InputError(f"{what} is a damaged zip archive (its directory ends inside an entry); create it again")
+        at += n
+        count += 1
+        if count > limits.zip_members:
+            raise InputError(f"{what} holds more than {limits.zip_members} files; the limit is {limits.zip_members}", 413)
+    return count
+
+
+def _check_members(infos: list[zipfile.ZipInfo], what: str, limits: Limits, directory: int) -> None:
     if len(infos) > limits.zip_members:
         raise InputError(f"{what} holds {len(infos)} files; the limit is {limits.zip_members}", 413)
     seen, total = set(), 0
     for info in infos:
         name = info.filename
+        if odd := _odd_character(info.orig_filename):  # zipfile cuts a name at NUL; other readers do not
+            raise InputError(f"{what}: member {info.orig_filename!r} has the control or invisible character {odd} in "
+                             "its name; rename it and create the archive again")
         if name in seen:
             raise InputError(f"{what}: member {name!r} appears twice; create the archive again")
         seen.add(name)
@@ -348,6 +507,17 @@ def _check_members(infos: list[zipfile.ZipInfo], what: str, limits: Limits) -> N
         if info.file_size > _RATIO_FLOOR and info.file_size > limits.zip_ratio * info.compress_size:
             raise InputError(f"{what}: member {name!r} decompresses {info.file_size / max(info.compress_size, 1):.0f}× "
                              f"(to {_size(info.file_size)}), beyond the compression ratio limit of {limits.zip_ratio}×", 413)
+    # each member's local header and data must end before the next member (and the directory) begins: members that
+    # share bytes inflate the same data many times over (an overlapping zip bomb), or hide one member in another
+    ends = 0
+    for info in sorted(infos, key=lambda i: i.header_offset):
+        if info.header_offset < ends:
+            raise InputError(f"{what}: member {info.filename!r} overlaps the member before it (a zip bomb?); "
+                             "create the archive again")
+        name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437", "surrogateescape")
+        ends = info.header_offset + 30 + len(name) + info.compress_size  # 30: the local header's fixed part
+    if ends > directory:
+        raise InputError(f"{what}: the data of the last member runs into the zip directory; create the archive again")
 
 
 # ---- .npz: x and y read as streams of .npy data, never whole
@@ -358,6 +528,9 @@ def _npz_counts(path: Path, spec: ModelSpec, limits: Limits, what: str) -> torch
     with _zip(path, what, limits, "is not a readable .npz file (no zip archive); save it with np.savez") as zf:
         budget = _Budget(what, limits)
         names = set(zf.namelist())
+        for k in ("x", "y"):
+            if k in names and f"{k}.npy" in names:  # np.load reads the bare one; other readers may take either
+                raise InputError(f"{what} holds both {k} and {k}.npy; keep only {k}.npy (as np.savez writes it)")
         # the member np.load will read: a bare name wins over name.npy (numpy.lib.npyio.NpzFile)
         member = {k: k if k in names else f"{k}.npy" for k in ("x", "y")}
         missing = sorted(k for k, m in member.items() if m not in names)
@@ -407,6 +580,16 @@ def _npy_header(f: _Member, what: str, name: str) -> tuple[tuple[int, ...], np.d
         raise InputError(f"{what}: {name} is not a plain .npy array ({e}); save it with np.savez") from e
     if dtype.hasobject:
         raise InputError(f"{what} holds pickled objects or unreadable arrays; save plain numeric arrays")
+    if dtype.subdtype is not None:  # np.load would fail to shape it
+        raise InputError(f"{what}: the .npy header of {name} gives the sub-array dtype {dtype}; save a plain numeric array")
+    # numpy's parser takes any tuple of ints: a negative size would read the stream backwards, or all of it
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise InputError(f"{what}: the .npy header of {name} gives the shape {list(shape)}; dimensions must be "
+                         "non-negative integers, so save the array again with np.savez")
+    promised, held = math.prod(shape) * dtype.itemsize, f.size - f.pos
+    if promised > held:  # a huge declared shape over a few bytes of data: refused before any is read
+        raise InputError(f"{what}: {name} is truncated (its header promises {promised:,} bytes of data, the file holds "
+                         f"{held:,}); save it again")
     return shape, dtype  # Fortran order only permutes values; every check here is order-free
 
 
@@ -465,15 +648,25 @@ def _image_members(zf: zipfile.ZipFile, spec: ModelSpec, what: str) -> list[tupl
     return [(info, index[p[0]]) for p, info in sorted(files, key=lambda f: f[1].filename)]
 
 
-def _decode(data: bytes, name: str, spec: ModelSpec, what: str) -> Image.Image:
-    """One image, checked to have the spec's size before its pixels are decoded, as L (C = 1) or RGB (C = 3)."""
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey PNGs open as I;16 (values 0…65535)
+_WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+_PLAIN_MODES = ("1", "L", "P", "RGB", *_WITH_ALPHA, *_SIXTEEN_BIT)  # CMYK, F, YCbCr, LAB, HSV: refused
+
+
+def _decode(data: bytes, name: str, spec: ModelSpec, what: str) -> np.ndarray:
+    """One image as H×W×C uint8, L (C = 1) or RGB (C = 3), its size checked before its pixels are decoded.
+    16-bit grey is scaled to 8 bits and an opaque alpha channel dropped; an image with more than one reading
+    (animated, EXIF-rotated, transparent, CMYK or float pixels) is refused."""
     c, h, w = spec.input_shape
+    orientation = 1
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=_IMAGE_FORMATS)
-            if img.size == (w, h):
+            animated = img.size == (w, h) and getattr(img, "is_animated", False)
+            if img.size == (w, h) and not animated:
                 img.load()
+                orientation = img.getexif().get(0x0112, 1)  # a PNG's eXIf chunk may follow its pixels
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"{what}: image {name!r} declares more than {Image.MAX_IMAGE_PIXELS} pixels", 413) from e
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:  # PIL's ways of meeting a broken file
@@ -481,7 +674,30 @@ def _decode(data: bytes, name: str, spec: ModelSpec, what: str) -> Image.Image:
     if img.size != (w, h):
         raise InputError(f"{what}: image {name!r} is {img.width}×{img.height} pixels but the model takes {w}×{h} "
                          f"(input_shape [{c}, {h}, {w}]); resize the images")
-    return img.convert("L" if c == 1 else "RGB")
+    if animated:
+        raise InputError(f"{what}: image {name!r} is animated ({img.n_frames} frames); save one still image per file")
+    if orientation not in (0, 1):  # viewers rotate it, most training loaders do not: which one is the image?
+        raise InputError(f"{what}: image {name!r} carries an EXIF orientation ({orientation}: rotated or mirrored); "
+                         "save it upright without the orientation tag (e.g. PIL.ImageOps.exif_transpose)")
+    return _pixels(img, "L" if c == 1 else "RGB", name, what).reshape(h, w, c)
+
+
+def _pixels(img: Image.Image, target: str, name: str, what: str) -> np.ndarray:
+    """A decoded image's pixels in `target` mode (L or RGB) as uint8."""
+    if img.mode not in _PLAIN_MODES:
+        raise InputError(f"{what}: image {name!r} is stored as {img.mode} pixels, which have no single reading as "
+                         f"{target}; save it as RGB or grayscale")
+    if img.mode in _SIXTEEN_BIT:  # convert("L") would clip every value above 255 to white
+        a = np.asarray(img)
+        if a.min() < 0 or a.max() > 65535:
+            raise InputError(f"{what}: image {name!r} has pixel values outside 0…65535; save it as an 8- or 16-bit image")
+        img = Image.fromarray(((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8))  # round(v / 257)
+    elif img.mode in _WITH_ALPHA or "transparency" in img.info:
+        img = img.convert("RGBA")  # palette and colour-key transparency become alpha
+        if img.getchannel("A").getextrema()[0] < 255:
+            raise InputError(f"{what}: image {name!r} has transparent pixels, whose colour is undefined; flatten it "
+                             "onto a background and save it without transparency")
+    return np.asarray(img.convert(target))
 
 
 # ---- safetensors: header parsed here, shapes checked on the meta device, values checked chunk by chunk
@@ -496,12 +712,19 @@ _SAFETENSORS_DTYPES = {
 _NONFINITE = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
 
 
-def _check_safetensors(path: Path, spec: ModelSpec) -> None:
+def _check_safetensors(path: Path, spec: ModelSpec, limits: Limits) -> None:
     header, data_start = _safetensors_header(path)
     model = _without_weights(spec)
-    given = {k: (tuple(v["shape"]), _SAFETENSORS_DTYPES[v["dtype"]]) for k, v in header.items()}
-    check_weight_layout(model.net.state_dict(), given)
-    check_outputs(model.eval(), spec)
+    if model is not None:  # else the worker, which builds the network anyway, checks the rest (load_model)
+        parameters = sum(p.numel() for p in model.parameters())
+        if parameters > limits.model_parameters:
+            raise InputError(f"model_spec: {spec.architecture} with {spec.num_classes:,} classes has {parameters:,} "
+                             f"parameters, beyond the limit of {limits.model_parameters:,}; choose a smaller network "
+                             "(an operator can raise LADDER_MAX_MODEL_PARAMETERS)", 413)
+        _check_latent_layer(model.net, spec)
+        _check_outputs_on_meta(model, spec)
+        given = {k: (tuple(v["shape"]), _SAFETENSORS_DTYPES[v["dtype"]]) for k, v in header.items()}
+        check_weight_layout(model.net.state_dict(), given)
     with path.open("rb") as f:
         for key, entry in header.items():
             if entry["dtype"] not in _NONFINITE:
@@ -516,13 +739,71 @@ def _check_safetensors(path: Path, spec: ModelSpec) -> None:
                     raise InputError(f"weight {key} contains NaN or Inf values; upload finite weights")
 
 
-def _without_weights(spec: ModelSpec) -> Classifier:
-    """The spec's classifier on the meta device: shapes and dtypes, no memory for the weights."""
+def _without_weights(spec: ModelSpec) -> Classifier | None:
+    """The spec's classifier on the meta device: shapes and dtypes, no memory for the weights. None for a builder
+    that cannot run on the meta device: the API never builds a network for real (a few bytes of spec could make
+    it allocate gigabytes), so such a network is checked by the worker that builds it."""
     try:
         with torch.device("meta"):
             return Classifier(build_net(spec), spec.mean, spec.std)
-    except InputError:  # a builder that computes with tensor values (regnet) cannot run on meta tensors
-        return Classifier(build_net(spec), spec.mean, spec.std)
+    except InputError as e:
+        if _meta_only(e):
+            return None
+        raise  # the builder's own complaint (e.g. inputs too small for LeNet): the same on any device
+
+
+def _meta_only(e: BaseException) -> bool:
+    """Whether an error comes from the meta device (an operator without a meta kernel, a tensor's value asked for)."""
+    while e is not None:
+        if isinstance(e, NotImplementedError) or "meta" in str(e).lower():
+            return True
+        e = e.__cause__
+    return False
+
+
+def _regnet_widths_on_cpu() -> None:
+    """torchvision's RegNet builders compute their stage widths with small tensors (torch.arange … .tolist()),
+    which the meta device cannot give values for: that computation runs on the CPU, wherever the parameters go.
+    Its result is lists of ints, so the change is invisible everywhere else."""
+    params = torchvision.models.regnet.BlockParams
+    original = params.from_init_params.__func__
+    if getattr(original, "widths_on_cpu", False):
+        return
+
+    def from_init_params(cls, *args, **kwargs):
+        with torch.device("cpu"):
+            return original(cls, *args, **kwargs)
+
+    from_init_params.widths_on_cpu = True
+    params.from_init_params = classmethod(from_init_params)
+
+
+_regnet_widths_on_cpu()
+
+
+def _check_latent_layer(net: torch.nn.Module, spec: ModelSpec) -> None:
+    """Refuse a latent_layer that names no module of the network (whether it is called is the worker's check)."""
+    if spec.latent_layer is None:
+        return
+    try:
+        net.get_submodule(spec.latent_layer)
+    except AttributeError as e:
+        leaves = [n for n, m in net.named_modules() if n and not any(True for _ in m.children())]
+        raise InputError(f"model_spec: latent_layer {spec.latent_layer!r} is not a layer of {spec.architecture}; "
+                         f"name a module path, e.g. one of its last layers: {', '.join(leaves[-4:])}") from e
+
+
+def _check_outputs_on_meta(model: Classifier, spec: ModelSpec) -> None:
+    """check_outputs on the meta model; builders' own shape assertions (a ViT's fixed image size) are refusals too."""
+    try:
+        check_outputs(model.eval(), spec)
+    except InputError:
+        raise
+    except (AssertionError, ValueError, TypeError, IndexError) as e:
+        raise InputError(f"{spec.architecture} cannot take inputs of shape {list(spec.input_shape)}: "
+                         f"{' '.join(str(e).split())[:300]}") from e
+    except NotImplementedError:  # an operator without a meta kernel: the worker's real forward pass checks it
+        return
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
@@ -568,6 +849,17 @@ def _safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
         how = "is truncated" if at > size - 8 - n else "has bytes after the last tensor"
         raise InputError(f"model {how}: its header describes {at} bytes of data, the file holds {size - 8 - n}; "
                          "upload the complete file written by safetensors.torch.save_file")
+    # the worker reads the file with the safetensors library, so the library judges the header too (it refuses
+    # what Python's json takes: a BOM, UTF-16, lone surrogates, non-string metadata, floats as sizes, …)
+    try:
+        with safe_open(str(path), framework="pt") as lib:  # maps the file and parses the header; reads no tensor
+            names = set(lib.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"model: the safetensors library cannot read its header ({' '.join(str(e).split())[:200]}); "
+                         "save it with safetensors.torch.save_file") from e
+    if names != set(header):
+        raise InputError("model: the safetensors library reads other tensor names from its header than JSON does; "
+                         "save it with safetensors.torch.save_file")
     return header, 8 + n
 
 
@@ -592,10 +884,12 @@ _PT2_PAYLOADS = ("data/weights/model_weights_config.json", "data/constants/model
 _PT2_SAMPLE_INPUTS = "data/sample_inputs/model.pt"
 _TORCH_SAVE_PLAIN = re.compile(r"data/\d+|byteorder|version|\.format_version|\.storage_alignment|\.data/version"
                                r"|\.data/serialization_id")
-_OP_TARGET = re.compile(
-    rf"torch\.ops\.({'|'.join(pt2check.OPERATOR_NAMESPACES)})\.(?!__)\w+\.(?!__)\w+"
-    rf"|torch\.ops\.higher_order\.({'|'.join(pt2check.HIGHER_ORDER_OPS)})"
-    rf"|{'|'.join(re.escape(f'{op.__module__}.{op.__name__}') for op in pt2check.SYMBOLIC_OPS)}")
+# the strings of an exported program that are free text, never code: node metadata torch keeps as it is
+_PT2_FREE_TEXT = frozenset({"stack_trace", "nn_module_stack", "torch_fn", "source_fn_stack"})
+_PT2_NAME_KEYS = frozenset({"name", "as_name", "parameter_name", "buffer_name", "tensor_constant_name",
+                            "custom_obj_name", "forward_arg_names", "path_name"})
+_PT2_WORD = re.compile(r"[A-Za-z0-9_.+\-]{0,64}")  # every other string: versions, verifiers, devices, words
+_TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict"})
 # the names a pickle of tensors needs (all of them also allowed by torch.load(weights_only=True))
 _PICKLE_GLOBALS = frozenset({
     "collections.OrderedDict", "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
@@ -657,28 +951,78 @@ def _read_json(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget) -> o
 
 
 def _scan_program(program: object, name: str) -> None:
-    """Refuse an exported graph that names anything but operators, or size expressions that are not plain sympy."""
+    """Refuse an exported program whose names are not plain dotted identifiers, whose graph calls anything but
+    allow-listed operators, or whose size expressions are not plain sympy (docs/security.md)."""
     if not isinstance(program, dict):
         raise InputError(f"model: {name!r} is not an exported program; save it with torch.export.save")
     if program.get("guards_code"):
         raise InputError(f"model: {name!r} carries guard code, which torch would run as Python; export it again with "
                          "torch.export.export (its programs carry none)")
-    stack: list[object] = [program]
+    _scan_strings(program, name)
+
+
+def _scan_strings(document: object, name: str) -> None:
+    """Every string and key of a .pt2 JSON document, each by the rule of where it sits (nothing is parsed as code)."""
+    stack: list[tuple[object, str]] = [(document, "")]
     while stack:
-        item = stack.pop()
+        item, key = stack.pop()
         if isinstance(item, dict):
-            for key in ("target", "as_operator"):
-                target = item.get(key)
-                if isinstance(target, str) and (key == "as_operator" or "inputs" in item) and not _OP_TARGET.fullmatch(target):
-                    raise InputError(f"model: the exported graph calls {target[:100]!r}, which is not a PyTorch operator; "
-                                     "export a network built from torch operations only")
-            expr = item.get("expr_str")
-            if isinstance(expr, str) and not _plain_size_expression(expr):
-                raise InputError(f"model: the exported graph holds the size expression {expr[:100]!r}, which is not plain "
-                                 "symbolic arithmetic; export it again with torch.export.export")
-            stack.extend(item.values())
+            for k, v in item.items():
+                if not graphnet.NAME.fullmatch(k):
+                    raise _odd_name(k, name)
+                stack.append((v, k))
         elif isinstance(item, list):
-            stack.extend(item)
+            stack.extend((v, key) for v in item)
+        elif isinstance(item, str):
+            _scan_string(item, key, name)
+
+
+def _scan_string(value: str, key: str, name: str) -> None:
+    if key == "target" or key == "as_operator":
+        if not graphnet.allowed(value):
+            raise InputError(f"model: the exported graph calls {value[:100]!r}, which is not an allowed PyTorch operator; "
+                             "export a network built from standard tensor operations (no control-flow operators)")
+    elif key == "expr_str":
+        if not _plain_size_expression(value):
+            raise InputError(f"model: the exported graph holds the size expression {value[:100]!r}, which is not plain "
+                             "symbolic arithmetic; export it again with torch.export.export")
+    elif key in _PT2_FREE_TEXT:
+        if len(value) > 16_384 or any(c < " " and c not in "\n\t" for c in value):
+            raise InputError(f"model: the node metadata {key} in {name!r} holds control characters or is too long; "
+                             "export it again with torch.export.export")
+    elif key in ("in_spec", "out_spec"):
+        _scan_treespec(value, key, name)
+    elif key in _PT2_NAME_KEYS or key == "fqn":
+        if not (graphnet.NAME.fullmatch(value) or (key == "fqn" and value == "")):
+            raise _odd_name(value, name)
+    elif not _PT2_WORD.fullmatch(value):
+        raise InputError(f"model: {name!r} holds {value[:60]!r} under {key!r}, which torch.export.save never writes; "
+                         "export the network again with torch.export.export and torch.export.save")
+
+
+def _scan_treespec(value: str, key: str, name: str) -> None:
+    """A pytree spec (the program's argument structure): containers of known types keyed by plain names."""
+    try:
+        spec = json.loads(value)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"model: the {key} of {name!r} is not valid JSON; export the network again") from e
+    stack = [spec[1]] if isinstance(spec, list) and len(spec) == 2 else [None]
+    while stack:
+        node = stack.pop()
+        if not (isinstance(node, dict) and node.get("type") in _TREESPEC_TYPES and isinstance(node.get("children_spec"), list)):
+            raise InputError(f"model: the {key} of {name!r} describes arguments of a kind torch.export.save never writes; "
+                             "export a network that takes one tensor")
+        context = node.get("context")
+        keys = json.loads(context) if isinstance(context, str) else context
+        if not (keys is None or (isinstance(keys, list) and all(isinstance(k, str) and graphnet.NAME.fullmatch(k) for k in keys))):
+            raise _odd_name(str(context), name)
+        stack.extend(node["children_spec"])
+
+
+def _odd_name(value: str, name: str) -> InputError:
+    return InputError(f"model: {name!r} names {value[:100]!r}, which is not a plain dotted identifier (letters, digits, "
+                      "underscores, no leading double underscore); give the network's modules, parameters, buffers and "
+                      "inputs ordinary Python names and export it again")
 
 
 def _plain_size_expression(expr: str) -> bool:
@@ -713,6 +1057,7 @@ def _scan_payloads(config: object, name: str) -> None:
     entries = config.get("config") if isinstance(config, dict) else None
     if not isinstance(entries, dict):
         raise InputError(f"model: {name!r} is not a torch.export payload config; save the program with torch.export.save")
+    _scan_strings(config, name)
     for key, meta in entries.items():
         plain = isinstance(meta, dict) and meta.get("use_pickle") is False and isinstance(meta.get("path_name"), str)
         if not (plain and re.fullmatch(r"(weight|tensor)_\d+", meta["path_name"])):
@@ -760,26 +1105,20 @@ def _scan_pickle(data: bytes, where: str) -> None:
                          "loader refuses (torch would then unpickle it in full); save it with torch.export.save's defaults")
 
 
-def _trial_load(path: Path, spec: ModelSpec, limits: Limits) -> None:
-    """Load and try a scanned .pt2 in a child process with CUDA hidden, a memory cap and a timeout."""
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "TMPDIR", "HOME")}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # no secrets, no GPU
+def _convert_pt2(path: Path, spec: ModelSpec, limits: Limits, mode: str) -> None:
+    """Replace a scanned .pt2 by its network in graphnet's allow-listed form, converted (and, for mode check,
+    tried) in the sandbox; the archive itself is never deserialised outside it."""
+    converted = path.with_name(path.name + ".graph")
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "services.pt2check", str(path), spec.model_dump_json(), str(limits.pt2_memory_bytes)],
-            check=False, capture_output=True, text=True, timeout=limits.pt2_timeout_s, env=env, cwd=Path(__file__).parents[1],
-        )
-    except subprocess.TimeoutExpired as e:
-        raise InputError(f"model: loading and trying the .pt2 network took longer than {limits.pt2_timeout_s} s; "
-                         "upload a smaller network") from e
-    lines = done.stdout.strip().splitlines()
-    try:
-        result = json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        result = None
-    if not isinstance(result, dict):
-        raise InputError(f"model: the .pt2 network could not be loaded within {_size(limits.pt2_memory_bytes)} of memory "
-                         f"(the loader exited with status {done.returncode}); upload a smaller network")
-    if "error" in result:
-        raise InputError(str(result["error"]))
+        sandbox.run_pt2check(mode, path, spec.model_dump_json(), memory_bytes=limits.pt2_memory_bytes,
+                             timeout_s=limits.pt2_timeout_s, concurrent=limits.pt2_concurrent, out=converted)
+        graphnet.read(converted, meta=True)  # what came out of the sandbox is checked like any upload (no weights)
+        converted.replace(path)
+    finally:
+        converted.unlink(missing_ok=True)
 
+
+def _load_graph(path: Path, spec: ModelSpec) -> Classifier:
+    model = Classifier(graphnet.read(path), spec.mean, spec.std).eval()
+    check_outputs(model, spec)
+    return model

@@ -16,7 +16,9 @@ import stat
 import struct
 import tempfile
 import uuid
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,11 +48,14 @@ SPEC = {"architecture": "lenet", "num_classes": 10, "input_shape": [1, 28, 28], 
 CUSTOM_SPEC = {**SPEC, "architecture": "custom"}
 # small caps, so that the size cases stay small on disk and fast
 LIMITS = Limits(model_bytes=16 * MiB, data_bytes=16 * MiB, json_bytes=64 * 1024, unzipped_bytes=64 * MiB, zip_ratio=200,
-                zip_members=1000, pt2_timeout_s=120, pt2_memory_bytes=8192 * MiB)
+                zip_members=1000, pt2_timeout_s=120, pt2_memory_bytes=8192 * MiB,
+                num_classes=100_000, model_parameters=500_000_000)  # the last two: the settings' defaults (HTTP tests)
 # the file the planted pickle would create if anything ever executed it
 PWNED_MARKER = Path(tempfile.gettempdir()) / f"ladder-pwned-{uuid.uuid4().hex[:12]}"
 
-Parts = dict[str, tuple[str, bytes, str]]
+# name → (file name, bytes, media type), or with a fourth item: extra part headers for httpx (a Content-Disposition
+# there replaces the one httpx writes, which percent-encodes control characters such as NUL)
+Parts = dict[str, tuple[str, bytes, str] | tuple[str, bytes, str, dict[str, str]]]
 
 
 @dataclass
@@ -80,7 +85,7 @@ def validate_parts(parts: Parts, tmp: Path, limits: Limits) -> Validated:
     missing = [name for name, rule in PARTS.items() if rule.required and name not in parts]
     if missing:
         raise InputError(f"missing part(s) {', '.join(missing)}; send model, model_spec and train_data")
-    for name, (filename, content, content_type) in parts.items():
+    for name, (filename, content, content_type, *_) in parts.items():
         check_part(name, filename, content_type)
         cap = getattr(limits, PARTS[name].cap)
         if len(content) > cap:
@@ -395,6 +400,163 @@ def corpus(tmp: Path) -> list[BadUpload]:
     case("broken image", 422, "is not a readable image",
          train_data=train(_zip({**tree, "digits/5/0000.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 50}), "t.zip"))
 
+    # model: what the safetensors library refuses though Python's json takes it (the worker reads with the library)
+    case("safetensors metadata not strings", 422, "safetensors library cannot read its header",
+         model=model(save(w, metadata={"format": "pt"}).replace(b'"format":"pt"', b'"format":1234')))
+    case("safetensors metadata not an object", 422, "safetensors library cannot read its header",
+         model=model(_safetensors_header(full, lambda h: h.update(__metadata__=["pt"]))))
+    case("safetensors header with a bom", 422, "safetensors library cannot read its header",
+         model=model(_safetensors_header(full, encode=lambda t: "\ufeff".encode() + t.encode())))
+    case("safetensors header in utf-16", 422, "safetensors library cannot read its header",
+         model=model(_safetensors_header(full, encode=lambda t: t.encode("utf-16"))))
+    case("safetensors lone surrogate in a name", 422, "safetensors library cannot read its header",
+         model=model(_safetensors_header(full, lambda h: h.update({"\ud800": h.pop("fc2.bias")}),
+                                         encode=lambda t: t.encode())))
+    case("safetensors header beyond 8 mib", 413, "the safetensors header is 9 mib, beyond the limit of 8 mib",
+         model=model((9 * MiB).to_bytes(8, "little") + b" " * (9 * MiB)))
+    case("float8 weight", 422, "conv1.weight is stored as float8_e4m3fn",
+         model=model(save({**w, "conv1.weight": w["conv1.weight"].to(torch.float8_e4m3fn)})))
+
+    # spec: latent layers, limits on the network, bounds (a few bytes of spec must never build a big network)
+    case("latent layer names no layer", 422, "latent_layer 'fc9' is not a layer of lenet",
+         model_spec=spec({**SPEC, "latent_layer": "fc9"}))
+    case("latent layer names a parameter", 422, "latent_layer 'fc1.weight' is not a layer of lenet",
+         model_spec=spec({**SPEC, "latent_layer": "fc1.weight"}))
+    case("latent layer dunder", 422, "latent_layer '__class__' is not a module path",
+         model_spec=spec({**SPEC, "latent_layer": "__class__"}))
+    case("latent layer private attribute", 422, "latent_layer 'fc1._forward_hooks' is not a module path",
+         model_spec=spec({**SPEC, "latent_layer": "fc1._forward_hooks"}))
+    case("num_classes beyond the limit", 413, "num_classes 1,000,000 is beyond the limit of 100,000",
+         model_spec=spec({**SPEC, "architecture": "regnet_y_400mf", "num_classes": 1_000_000}))
+    regnet_big = {**SPEC, "architecture": "regnet_y_128gf", "input_shape": [3, 224, 224], "mean": [0.5], "std": [0.25]}
+    case("network beyond the parameter limit", 413, "parameters, beyond the limit of 500,000,000",
+         model_spec=spec(regnet_big))
+    case("regnet checked on the meta device", 422, "weights do not match the spec's architecture",
+         model_spec=spec({**SPEC, "architecture": "regnet_x_400mf"}))
+    case("vit at another input size", 422, "vit_b_16 cannot take inputs of shape [1, 28, 28]: wrong image height",
+         model_spec=spec({**SPEC, "architecture": "vit_b_16"}))
+    case("too many input channels", 422, "input_shape [17, 28, 28] is not [c,h,w]",
+         model_spec=spec({**SPEC, "input_shape": [17, 28, 28], "mean": [0.5], "std": [0.5]}))
+    case("input wider than 1024", 422, "input_shape [1, 28, 2048] is not [c,h,w]",
+         model_spec=spec({**SPEC, "input_shape": [1, 28, 2048]}))
+    case("look-alike architecture name", 422, "unknown architecture 'l\u0435net'",
+         model_spec=spec({**SPEC, "architecture": "l\u0435net"}))  # a Cyrillic е
+    case("detection model as architecture", 422, "unknown architecture 'fasterrcnn_resnet50_fpn'",
+         model_spec=spec({**SPEC, "architecture": "fasterrcnn_resnet50_fpn"}))
+
+    # spec and config: JSON that Python reads but strict JSON (and PostgreSQL) does not, or reads two ways
+    case("spec holds infinity", 422, "model_spec holds infinity, which is not json",
+         model_spec=spec(b'{"architecture": "lenet", "num_classes": 10, "input_shape": [1, 28, 28], '
+                         b'"mean": [Infinity], "std": [0.3081]}'))
+    case("config holds nan", 422, "config holds nan, which is not json", config=config(b'{"finetune": {"alpha": NaN}}'))
+    case("config holds -infinity", 422, "config holds -infinity",
+         config=config(b'{"evaluate": {"jsma": {"theta": -Infinity}}}'))
+    case("config number overflows a double", 422, "config holds the number 1e999, beyond the range of a double",
+         config=config(b'{"finetune": {"lr": 1e999}}'))
+    case("config integer of 5000 digits", 422, "beyond 64 bits", config=config(b'{"seed": ' + b"9" * 5000 + b"}"))
+    case("spec integer beyond 64 bits", 422, "model_spec holds the integer 100000000000000000000000000000, beyond 64 bits",
+         model_spec=spec(json.dumps({**SPEC, "num_classes": 10**29}).encode()))
+    case("spec key given twice", 422, "model_spec gives the key 'num_classes' twice",
+         model_spec=spec(json.dumps(SPEC).encode()[:-1] + b', "num_classes": 5}'))
+    case("config key given twice", 422, "config gives the key 'epochs' twice",
+         config=config(b'{"finetune": {"epochs": 2, "epochs": 3}}'))
+    case("deeply nested config", 422, "config is nested too deeply",
+         config=config(b'{"a": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"))
+
+    # part headers: file names that the database cannot store (NUL) or that corrupt logs and listings
+    nul = 'form-data; name="model"; filename="lenet\x00.safetensors"'
+    case("file name with a nul", 422, "holds the control or invisible character u+0000",
+         model=("lenet\x00.safetensors", full, "application/octet-stream", {"Content-Disposition": nul}))
+    case("file name with an escape sequence", 422, "holds the control or invisible character u+001b",
+         train_data=train(good["train_data"][1], "train\x1b[2J.npz"))
+    case("file name with a bidi override", 422, "holds the control or invisible character u+202e",
+         model=model(full, "lenet\u202eorsnet.safetensors"))
+
+    # data: .npy headers numpy's parser takes but no array has
+    right, labels = _npy_data(x), _npy_data(y)  # the bytes after np.save's header
+    case("npy negative dimension", 422, "gives the shape [-300, 1, 28, 28]; dimensions must be non-negative",
+         train_data=train(_zip({"x.npy": _npy_header("|u1", (-300, 1, 28, 28), right),
+                                "y.npy": _npy_header("<i8", (-300,), labels)})))
+    case("npy negative dimension, short data", 422, "gives the shape [300, 1, -28, 28]",
+         train_data=train(_zip({"x.npy": _npy_header("|u1", (300, 1, -28, 28), right[:1000]), "y.npy": _npy(y)})))
+    case("npy bool dimension", 422, "gives the shape [300, true, 28, 28]",
+         train_data=train(_zip({"x.npy": _npy_header("|u1", (300, True, 28, 28), right), "y.npy": _npy(y)})))
+    case("huge declared shape over tiny data", 422, "x is truncated (its header promises 784,000,000,000 bytes",
+         train_data=train(_zip({"x.npy": _npy_header("|u1", (10**9, 1, 28, 28), right[:784]),
+                                "y.npy": _npy_header("<i8", (10**9,), labels[:8])})))
+    case("0-d images", 422, "x has shape []", train_data=train(npz(x=np.uint8(3), y=y)))
+    case("0-d labels", 422, "y has shape []", train_data=train(npz(x=x, y=np.int64(3))))
+    case("big-endian fortran-order uint16 pixels", 422, "images have dtype >u2",
+         train_data=train(npz(x=np.asfortranarray(x.astype(">u2")), y=y)))
+    case("structured pixels", 422, "images have dtype [('v', 'u1')]",
+         train_data=train(npz(x=x.view([("v", "u1")]), y=y)))
+    case("sub-array pixels", 422, "gives the sub-array dtype ('u1', (28, 28))",
+         train_data=train(_zip({"x.npy": _npy_header(("|u1", (28, 28)), (300, 1), right), "y.npy": _npy(y)})))
+    case("structured labels", 422, "labels have dtype [('k', '<i8')]", train_data=train(npz(x=x, y=y.view([("k", "<i8")]))))
+    case("timedelta labels", 422, "labels have dtype timedelta64", train_data=train(npz(x=x, y=y.astype("m8[s]"))))
+    case("npy format version 9", 422, "y is not a plain .npy array",
+         train_data=train(_zip({"x.npy": _npy(x), "y.npy": b"\x93NUMPY\x09\x00" + _npy(y)[8:]})))
+    case("x and x.npy both present", 422, "holds both x and x.npy",
+         train_data=train(_zip({"x": _npy(x), "x.npy": _npy(x), "y.npy": _npy(y)})))
+    case("member named twice", 422, "member 'x.npy' appears twice",
+         train_data=train(_stored([("x.npy", _npy(x)), ("y.npy", _npy(y)), ("x.npy", _npy(x[::-1]))])))
+    nul_name = _stored([("x.npyQevil", _npy(x)), ("y.npy", _npy(y))]).replace(b"x.npyQevil", b"x.npy\0evil")
+    case("member name with a nul", 422, "has the control or invisible character u+0000 in its name",
+         train_data=train(nul_name))
+
+    # data: zips whose records disagree with each other or with the bytes (readers would see different archives)
+    npz_bytes = good["train_data"][1]
+    case("zip end record undercounts past the cap", 413, "holds more than 1000 files; the limit is 1000",
+         train_data=train(_many_entries(npz_bytes, 1001)))
+    case("zip end record undercounts", 422, "end record counts 2 files but its directory lists 3",
+         train_data=train(_many_entries(npz_bytes, 1)))
+    case("zip64 end record disagrees", 422, "its end record and its zip64 end record disagree",
+         train_data=train(_zip64_end(npz_bytes, entries=5, plain_entries=2)))
+    case("zip64 end record miscounts", 422, "end record counts 1 files but its directory lists 2",
+         train_data=train(_zip64_end(npz_bytes, entries=1)))
+    case("split zip archive", 422, "spans several disks", train_data=train(_end_record(npz_bytes, disk=1, cd_disk=1)))
+    case("zip directory outside the file", 422, "its directory would run past its end record",
+         train_data=train(_end_record(npz_bytes, offset=len(npz_bytes))))
+    case("bytes after the zip", 422, "has bytes after its zip archive's end record",
+         train_data=train(npz_bytes + b"\0" * 100))
+    with zipfile.ZipFile(io.BytesIO(npz_bytes)) as z:
+        commented = io.BytesIO()
+        with zipfile.ZipFile(commented, "w") as out:
+            for info in z.infolist():
+                out.writestr(info.filename, z.read(info))
+            out.comment = b"PK\x05\x06" + bytes(18) + b"hidden archive"
+    case("zip comment hiding an end record", 422, "has bytes after its zip archive's end record",
+         train_data=train(commented.getvalue()))
+    stored = _stored([("x.npy", _npy(x)), ("y.npy", _npy(y))])
+    case("overlapping members", 422, "member 'y.npy' overlaps the member before it",
+         train_data=train(_grown_first_member(stored, 64)))
+    case("local name differs from the directory's", 422, "damaged zip archive (file name in directory 'x.npy' and header",
+         train_data=train(_renamed_local(stored, b"x.npy", b"z.npy")))
+
+    # data: image-folder zips with images that have more than one reading
+    digit = tree["digits/0/0000.png"]
+    grey = np.asarray(Image.open(io.BytesIO(digit)))
+    rgba = np.dstack([grey, grey, grey, np.where(grey > 0, 255, 0).astype(np.uint8)])
+    for name, image, status, fragment in [
+        ("animated gif", ("0000.gif", _animated_gif([grey, 255 - grey, grey])), 422, "is animated (3 frames)"),
+        ("animated png", ("0000.png", _png_bytes(Image.fromarray(grey), save_all=True,
+                                                   append_images=[Image.fromarray(255 - grey)])),
+         422, "is animated (2 frames)"),
+        ("exif-rotated jpeg", ("0000.jpg", _exif_rotated_jpeg(grey)), 422, "carries an exif orientation (6"),
+        ("cmyk jpeg", ("0000.jpg", _jpeg(Image.frombytes("CMYK", (28, 28), np.dstack([grey] * 4).tobytes()))), 422,
+         "stored as cmyk pixels"),
+        ("transparent png", ("0000.png", _png_bytes(Image.frombytes("RGBA", (28, 28), rgba.tobytes()))), 422,
+         "has transparent pixels"),
+        ("palette png with a transparent colour",
+         ("0000.png", _png_bytes(Image.fromarray(grey).convert("P"), transparency=0)), 422, "has transparent pixels"),
+        ("1×1 image", ("0000.png", png(np.zeros((1, 1), np.uint8))), 422, "is 1×1 pixels but the model takes 28×28"),
+        ("huge declared dimensions", ("0000.png", _png_declaring(30_000, 30_000)), 413,
+         "declares more than 16777216 pixels"),
+        ("truncated jpeg", ("0000.jpg", _jpeg(Image.fromarray(grey))[:400]), 422, "is not a readable image"),
+    ]:
+        members = {k: v for k, v in tree.items() if k != "digits/0/0000.png"}
+        case(name, status, fragment, train_data=train(_zip({**members, f"digits/0/{image[0]}": image[1]}), "t.zip"))
+
     # model: .pt2 (custom architectures)
     case("pt2 with a zoo architecture", 422, "architecture must be 'custom'", model=model(exported(), "net.pt2"))
     case("custom with safetensors", 422, "needs the network itself", model_spec=spec(CUSTOM_SPEC))
@@ -407,7 +569,7 @@ def corpus(tmp: Path) -> list[BadUpload]:
     case("pt2 opaque object", 422, "custom or opaque object",
          **pt2(rezip(exported(), add={"data/constants/opaque_obj_0": b"\x80\x04."})))
     case("pt2 pickled weight", 422, "is stored pickled", **pt2(_payload_pickled()))
-    case("pt2 graph calls python", 422, "'torch.serialization.os.system', which is not a pytorch operator",
+    case("pt2 graph calls python", 422, "'torch.serialization.os.system', which is not an allowed pytorch operator",
          **pt2(_program(lambda p: _first_node(p).update(target="torch.serialization.os.system"))))
     case("pt2 size expression runs code", 422, "size expression", **pt2(_program(_planted_size)))
     case("pt2 guard code", 422, "carries guard code", **pt2(_program(lambda p: p.update(guards_code=["os.system('x')"]))))
@@ -441,3 +603,130 @@ def _symlinked(tree: dict[str, bytes]) -> bytes:
         link.external_attr = (stat.S_IFLNK | 0o777) << 16
         z.writestr(link, "/etc/passwd")
     return out.getvalue()
+
+
+# ---- builders of broken .npy members, zips, images and safetensors headers
+
+
+def _npy_data(a: np.ndarray) -> bytes:
+    """The data of `a`'s .npy file, without its header."""
+    f = io.BytesIO(_npy(a))
+    assert np.lib.format.read_magic(f) == (1, 0)
+    np.lib.format.read_array_header_1_0(f)
+    return f.read()
+
+
+def _npy_header(descr: object, shape: object, data: bytes, fortran: bool = False) -> bytes:
+    """A .npy file with a header written as given (numpy's writer checks neither shape nor size) over `data`."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": fortran, "shape": shape})
+    return buf.getvalue() + data
+
+
+def _stored(members: list[tuple[str, bytes]]) -> bytes:
+    """A zip of members stored uncompressed, in order, duplicate names allowed."""
+    out = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about a duplicate name
+        with zipfile.ZipFile(out, "w") as z:
+            for name, content in members:
+                z.writestr(name, content)
+    return out.getvalue()
+
+
+_EOCD = struct.Struct("<4s4H2LH")
+
+
+def _end_record(data: bytes, **fields: int) -> bytes:
+    """The zip (no comment) with fields of its end record replaced: disk, entries, size, offset."""
+    at = len(data) - _EOCD.size
+    sig, disk, cd_disk, here, entries, size, offset, comment = _EOCD.unpack_from(data, at)
+    values = {"disk": disk, "cd_disk": cd_disk, "here": here, "entries": entries, "size": size, "offset": offset, **fields}
+    if "entries" in fields and "here" not in fields:
+        values["here"] = fields["entries"]
+    return data[:at] + _EOCD.pack(sig, values["disk"], values["cd_disk"], values["here"], values["entries"],
+                                  values["size"], values["offset"], comment)
+
+
+def _zip64_end(data: bytes, entries: int | None = None, plain_entries: int | None = None) -> bytes:
+    """The zip (no comment) with a zip64 end record and locator added before its end record; `entries` is the zip64
+    record's member count (default: the true one), `plain_entries` the plain record's (default: 0xFFFF, 'see zip64')."""
+    at = len(data) - _EOCD.size
+    sig, disk, cd_disk, _, count, size, offset, comment = _EOCD.unpack_from(data, at)
+    n = count if entries is None else entries
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, n, n, size, offset)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, at, 1)
+    plain = 0xFFFF if plain_entries is None else plain_entries
+    return data[:at] + record + locator + _EOCD.pack(sig, disk, cd_disk, plain, plain, 0xFFFFFFFF, 0xFFFFFFFF, comment)
+
+
+def _many_entries(data: bytes, copies: int) -> bytes:
+    """The zip with its first central directory entry repeated `copies` times and its end record still counting
+    the original entries: the directory lies about its size only to zipfile, which reads every entry it holds."""
+    at = len(data) - _EOCD.size
+    sig, disk, cd_disk, here, count, size, offset, comment = _EOCD.unpack_from(data, at)
+    directory = data[offset:offset + size]
+    first = directory[:46 + sum(struct.unpack_from("<3H", directory, 28))]
+    directory = first * copies + directory
+    return data[:offset] + directory + _EOCD.pack(sig, disk, cd_disk, here, count, len(directory), offset, comment)
+
+
+def _grown_first_member(data: bytes, grow: int) -> bytes:
+    """The zip with its first member's sizes in the central directory grown by `grow` bytes: its data now covers
+    the next member's local header (members that overlap)."""
+    at = data.index(b"PK\x01\x02")
+    compress, plain = struct.unpack_from("<2L", data, at + 20)
+    return data[:at + 20] + struct.pack("<2L", compress + grow, plain + grow) + data[at + 28:]
+
+
+def _renamed_local(data: bytes, old: bytes, new: bytes) -> bytes:
+    """The zip with its first local header's name `old` replaced by `new` (same length), its central name kept."""
+    assert len(old) == len(new)
+    at = data.index(b"PK\x03\x04")
+    return data[:at] + data[at:].replace(old, new, 1)
+
+
+def _png_bytes(img: Image.Image, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **params)
+    return buf.getvalue()
+
+
+def _animated_gif(frames: list[np.ndarray]) -> bytes:
+    images = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:])
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, **params)
+    return buf.getvalue()
+
+
+def _exif_rotated_jpeg(array: np.ndarray) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    return _jpeg(Image.fromarray(array), exif=exif)
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width×height 8-bit grey pixels, followed by a few bytes of pixel data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _safetensors_header(data: bytes, edit=None, encode=None) -> bytes:
+    """The safetensors file with its header (parsed JSON) changed by `edit` and written back by `encode` (text → bytes;
+    default UTF-8), padded with spaces to a multiple of 8 bytes."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if edit is not None:
+        edit(header)
+    text = json.dumps(header)
+    raw = encode(text) if encode is not None else text.encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n:]

@@ -12,6 +12,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import save, save_file
 
 from services.errors import InputError
 from services.method.finetune import fit
@@ -84,7 +86,7 @@ def test_planted_code_is_refused_on_the_worker_side_too_and_never_runs(cases, tm
         if case.name.startswith(("pt2 planted pickle", "pt2 size expression", "pt2 graph calls")):
             path = tmp_path / "model"
             path.write_bytes(case.parts["model"][1])
-            refusal = "pickle that calls posix.system|pickle with opcode|size expression|not a PyTorch operator"
+            refusal = "pickle that calls posix.system|pickle with opcode|size expression|not an allowed PyTorch operator"
             with pytest.raises(InputError, match=refusal):
                 load_model(path, "pt2", spec)
     assert not PWNED_MARKER.exists()
@@ -142,10 +144,162 @@ def test_an_image_folder_zip_of_colour_and_grey_images_gives_rgb(tmp_path):
     assert data.y.tolist() == [0, 0, 0, 1, 1, 1]
 
 
-def test_a_custom_network_is_checked_in_a_child_loaded_split_and_trained(tmp_path):
+def _png16(grey16: np.ndarray) -> bytes:
+    """A 16-bit greyscale PNG (PIL opens it as mode I;16)."""
+    buf = io.BytesIO()
+    Image.fromarray(grey16.astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _image(img: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def _image_zip(images: list[bytes], spec: ModelSpec, tmp_path, suffix: str = "png"):
+    """An image-folder zip of `images` (first half class a, second half class b), checked and loaded."""
+    path = tmp_path / "train_data"
+    with zipfile.ZipFile(path, "w") as z:
+        for i, content in enumerate(images):
+            z.writestr(f"{'a' if i < len(images) // 2 else 'b'}/{i}.{suffix}", content)
+    assert check_data(path, "images.zip", spec, LIMITS, "train_data") == DataInfo("zip", len(images), [len(images) // 2] * 2)
+    return load_data(path, "zip", spec, "train_data")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_pngs_are_scaled_to_8_bits_not_clipped_to_white(channels, tmp_path):
+    spec = ModelSpec(architecture="resnet18", num_classes=2, input_shape=(channels, 8, 8), mean=[0.5], std=[0.25])
+    grey = np.random.default_rng(0).integers(0, 256, (6, 8, 8), dtype=np.uint8)
+    grey16 = grey.astype(np.uint32) * 257  # 8-bit v is 16-bit v·257: read back as v exactly
+    grey16[0, 0, :4] = [0, 128, 129, 65535]  # rounded: v/257 → 0, 0, 1, 255
+    data = _image_zip([_png16(g) for g in grey16], spec, tmp_path)
+    want = grey.copy()
+    want[0, 0, :4] = [0, 0, 1, 255]
+    torch.testing.assert_close(data.x, torch.from_numpy(want)[:, None].expand(-1, channels, -1, -1).float() / 255)
+
+
+def test_opaque_alpha_palette_bilevel_and_grey_with_alpha_images_decode_to_their_colours(tmp_path):
+    spec = ModelSpec(architecture="resnet18", num_classes=2, input_shape=(3, 8, 8), mean=[0.5], std=[0.25])
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    bits = rng.integers(0, 2, (8, 8), dtype=bool)
+    palette = Image.frombytes("RGB", (8, 8), rgb.tobytes()).quantize(16)
+    images = [
+        _image(Image.frombytes("RGBA", (8, 8), np.dstack([rgb, np.full((8, 8), 255, np.uint8)]).tobytes())),
+        _image(Image.frombytes("LA", (8, 8), np.dstack([grey, np.full((8, 8), 255, np.uint8)]).tobytes())),
+        _image(palette),
+        _image(palette, "GIF"),
+        _image(Image.fromarray(bits)),
+        _image(Image.frombytes("RGB", (8, 8), rgb.tobytes()), "BMP"),
+    ]
+    want = np.stack([rgb, np.repeat(grey[..., None], 3, 2), np.asarray(palette.convert("RGB")),
+                     np.asarray(palette.convert("RGB")), np.repeat(bits[..., None] * np.uint8(255), 3, 2), rgb])
+    data = _image_zip(images, spec, tmp_path)
+    torch.testing.assert_close(data.x, torch.from_numpy(want).permute(0, 3, 1, 2).float() / 255)
+
+
+def _rezipped(data: bytes, comment: bytes = b"", compression: int = zipfile.ZIP_STORED) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w", compression) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+        dst.comment = comment
+    return out.getvalue()
+
+
+def test_honest_zip_variants_and_npy_layouts_pass_and_load_the_same_tensors(tmp_path):
+    from tests.bad_uploads import _zip64_end
+
+    spec = ModelSpec.model_validate(SPEC)
+    x, y = pick(30)
+    plain = npz(x=x, y=y)
+    variants = {
+        "zip64 end record": _zip64_end(plain),
+        "archive comment": _rezipped(plain, comment=b"made by hand PK"),
+        "deflated": _rezipped(plain, compression=zipfile.ZIP_DEFLATED),
+        "fortran-order big-endian": npz(x=np.asfortranarray((x / 255).astype(">f4")), y=y.astype(">i2")),
+        "labels as uint8": npz(x=x, y=y.astype(np.uint8)),
+    }
+    for name, content in variants.items():
+        path = tmp_path / "train_data"
+        path.write_bytes(content)
+        assert check_data(path, "train.npz", spec, LIMITS, "train_data") == DataInfo("npz", 300, [30] * 10), name
+        data = load_data(path, "npz", spec, "train_data")
+        torch.testing.assert_close(data.x, torch.from_numpy(x).float() / 255, msg=name)
+        assert torch.equal(data.y, torch.from_numpy(y)), name
+
+
+def test_a_zip_that_lies_about_its_member_count_is_refused_before_zipfile_reads_its_directory(tmp_path, monkeypatch):
+    from tests.bad_uploads import _many_entries
+
+    path = tmp_path / "train_data"
+    path.write_bytes(_many_entries(npz(x=pick(30)[0], y=pick(30)[1]), 50_000))  # the end record still says 2
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", lambda self: pytest.fail("zipfile parsed the directory"))
+    with pytest.raises(InputError, match="holds more than 1000 files; the limit is 1000") as e:
+        check_data(path, "train.npz", ModelSpec.model_validate(SPEC), LIMITS, "train_data")
+    assert e.value.status == 413
+
+
+def test_zoo_networks_are_built_on_the_meta_device_only(tmp_path, monkeypatch):
+    from services import uploads
+
+    devices = []
+    real_build = uploads.build_net
+
+    def build(spec):
+        devices.append(torch.get_default_device().type)
+        return real_build(spec)
+
+    monkeypatch.setattr(uploads, "build_net", build)
+    spec = ModelSpec(architecture="regnet_x_400mf", num_classes=10, input_shape=(3, 32, 32), mean=[0.5], std=[0.25],
+                     latent_layer="fc")
+    torch.manual_seed(0)
+    weights_of = {k: v.contiguous() for k, v in build_classifier(spec).net.state_dict().items()}
+    path = tmp_path / "model"
+    save_file(weights_of, str(path))
+    limits = replace(LIMITS, model_bytes=64 * 2**20)
+    assert check_model(path, "regnet.safetensors", spec, limits) == "safetensors"
+    assert devices == ["meta"]  # regnet computes its widths with tensors: on the CPU, its parameters on meta
+    with pytest.raises(InputError, match="latent_layer 'trunk_output.block9' is not a layer of regnet_x_400mf"):
+        check_model(path, "regnet.safetensors", spec.model_copy(update={"latent_layer": "trunk_output.block9"}), limits)
+    with pytest.raises(InputError, match="has 5,098,986 parameters, beyond the limit of 1,000,000") as e:
+        check_model(path, "regnet.safetensors", spec, replace(limits, model_parameters=1_000_000))
+    assert e.value.status == 413
+
+
+def test_a_network_that_cannot_be_built_on_meta_is_left_to_the_worker_after_the_header_and_values(tmp_path, monkeypatch):
+    from services import uploads
+
+    def build(spec):
+        if torch.get_default_device().type == "meta":
+            raise InputError("torchvision could not build 'x': Cannot copy out of meta tensor; no data!")
+        pytest.fail("the API built a network for real")
+
+    monkeypatch.setattr(uploads, "build_net", build)
+    spec = ModelSpec.model_validate(SPEC)
+    path = tmp_path / "model"
+    path.write_bytes(save(weights()))
+    assert check_model(path, "lenet.safetensors", spec, LIMITS) == "safetensors"
+    nan = {**weights(), "fc1.bias": torch.full((500,), float("nan"))}
+    path.write_bytes(save(nan))
+    with pytest.raises(InputError, match="fc1.bias contains NaN or Inf"):
+        check_model(path, "lenet.safetensors", spec, LIMITS)
+
+
+def test_latent_layers_are_module_paths():
+    for layer in ("fc1", "layer4.1.conv2", "features.0", "Mixed_7c"):
+        ModelSpec.model_validate({**SPEC, "latent_layer": layer})
+    for layer in ("", "fc1.", ".fc1", "fc1..conv", "__class__", "fc1.__dict__", "_modules", "fc 1", "fc1\n", "f\u0441"):
+        with pytest.raises(ValueError, match="is not a module path"):
+            ModelSpec.model_validate({**SPEC, "latent_layer": layer})
+
+
+def test_a_custom_network_is_checked_in_the_sandbox_rebuilt_split_and_trained(tmp_path):
     checked = validate_parts(custom_parts(tmp_path), tmp_path, LIMITS)
-    assert checked.model_format == "pt2"
-    model = load_model(checked.paths["model"], "pt2", checked.spec)
+    assert checked.model_format == "graph"  # converted in the sandbox: the worker never deserialises the archive
+    model = load_model(checked.paths["model"], "graph", checked.spec)
     train = load_data(checked.paths["train_data"], "npz", checked.spec, "train_data")
     reference = build_classifier(ModelSpec.model_validate(SPEC), weights())
     with torch.no_grad():
@@ -191,9 +345,12 @@ def test_allowed_pickle_globals_are_a_subset_of_what_weights_only_loading_allows
 def test_limits_come_from_the_settings():
     from services.settings import Settings
 
-    s = Settings(max_model_bytes=5, max_zip_ratio=7, pt2_load_timeout_s=9)
+    s = Settings(max_model_bytes=5, max_zip_ratio=7, pt2_load_timeout_s=9, max_num_classes=11, max_model_parameters=13)
     limits = Limits.from_settings(s)
     assert (limits.model_bytes, limits.zip_ratio, limits.pt2_timeout_s) == (5, 7, 9)
+    assert (limits.num_classes, limits.model_parameters) == (11, 13)
+    assert (Limits.from_settings(Settings()).num_classes, Limits.from_settings(Settings()).model_parameters) == (
+        LIMITS.num_classes, LIMITS.model_parameters)  # the corpus's, which the HTTP tests send to a default server
     assert limits.unzipped_bytes == s.max_unzipped_bytes and limits.pt2_memory_bytes == s.pt2_load_memory_bytes
 
 
@@ -201,11 +358,15 @@ def test_part_headers():
     check_part("model_spec", None, "application/json; charset=utf-8")
     check_part("config", "config.json", None)
     check_part("train_data", "digits.ZIP", "application/x-zip-compressed")
+    check_part("train_data", "données d’entraînement ✓.npz", None)  # any printable name
     for args, status, message in [
         (("weights", "w.safetensors", None), 422, "unknown part 'weights'"),
         (("model", None, None), 415, "must be a file named"),
         (("model", "m.safetensors", "text/plain"), 415, "content type text/plain"),
         (("model_spec", "spec.yaml", None), 415, "is not .json"),
+        (("model", "lenet\x00.safetensors", None), 422, "control or invisible character U\\+0000"),
+        (("config", "config\n.json", None), 422, "U\\+000A"),
+        (("train_data", "a\u2028b.npz", None), 422, "U\\+2028"),
     ]:
         with pytest.raises(InputError, match=message) as e:
             check_part(*args)

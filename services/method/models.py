@@ -9,6 +9,7 @@ checked numerically: h(Φ(x)) must equal f(x).
 
 import copy
 import math
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -23,6 +24,8 @@ from services.errors import InputError
 PAPER_ARCHITECTURES = ("lenet", "svhnnet", "celebanet")
 OWN_ARCHITECTURES = ("smallcnn",)  # a cheap net unlike LeNet: the default black-box surrogate
 CUSTOM = "custom"  # a network that comes with its weights as a torch.export program (.pt2), not from the zoo
+# a module path such as layer4.1.conv2: attribute names and indices, none private or dunder (getattr would reach them)
+_MODULE_PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*(\.[A-Za-z0-9][A-Za-z0-9_]*)*")
 
 
 class ModelSpec(BaseModel):
@@ -49,6 +52,10 @@ class ModelSpec(BaseModel):
                 raise ValueError(f"{name} must be finite numbers")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
+        layer = self.latent_layer
+        if layer is not None and not (len(layer) <= 200 and _MODULE_PATH.fullmatch(layer)):
+            raise ValueError(f"latent_layer {layer[:100]!r} is not a module path: give names joined by dots, "
+                             "such as 'fc1' or 'layer4.1.conv2', none starting with '_'")
         if self.architecture == CUSTOM:
             if self.latent_layer is not None:
                 raise ValueError("latent_layer cannot be set for a custom architecture yet; leave it out "
@@ -199,16 +206,6 @@ def build_classifier(spec: ModelSpec, weights: dict[str, Tensor] | None = None) 
     return model
 
 
-def exported_classifier(program: torch.export.ExportedProgram, spec: ModelSpec) -> Classifier:
-    """A Classifier around the network of a torch.export program (a custom architecture), in eval mode."""
-    exported = program.module(check_guards=False)
-    # the exported module refuses train() and eval(); a plain GraphModule over the same graph and parameters
-    # trains like any net (its ops keep the mode it was exported in: batch norm on running statistics)
-    model = Classifier(fx.GraphModule(exported, exported.graph), spec.mean, spec.std).eval()
-    check_outputs(model, spec)
-    return model
-
-
 def check_outputs(model: Classifier, spec: ModelSpec) -> None:
     """Refuse a model that cannot take inputs of the spec's shape or does not give one logit per class."""
     try:
@@ -309,8 +306,14 @@ def _find(graph: fx.Graph, name: str) -> fx.Node:
     return next(n for n in graph.nodes if n.name == name)
 
 
+def _only_outputs_matter(node: fx.Node) -> bool:
+    # an in-place op (relu_, add_) or an assert of an exported graph counts as impure to fx, and would keep the
+    # other half of the network alive in each half; a classifier's ops only ever mutate their own intermediates
+    return node.op in ("placeholder", "output")
+
+
 def _prune(gm: fx.GraphModule) -> None:
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(_only_outputs_matter)
     gm.delete_all_unused_submodules()
     gm.recompile()
 
@@ -351,7 +354,7 @@ def split_latents(model: Classifier, input_shape: tuple[int, int, int], layer: s
     with head.graph.inserting_before(inputs[0]):
         z = head.graph.placeholder("latent")
     _find(head.graph, latent_name).replace_all_uses_with(z)
-    head.graph.eliminate_dead_code()
+    head.graph.eliminate_dead_code(_only_outputs_matter)
     target = node.target.removeprefix("net.") if node.op == "call_module" else node.name
     if any(n.users for n in inputs):
         raise InputError(
