@@ -82,7 +82,8 @@ def run_pt2check(mode: str, archive: Path, spec_json: str, *, memory_bytes: int,
         with archive.open("rb") as src, (out.open("wb") if out else open(os.devnull, "wb")) as sink:
             argv = ["-m", "services.pt2check", mode, str(src.fileno()), str(sink.fileno()), spec_json, str(memory_bytes),
                     str(int(timeout_s) + 1)]
-            done = subprocess.run(command(argv, scratch_bytes=256 << 20), capture_output=True, text=True, check=False,
+            scratch = 2 * archive.stat().st_size + (64 << 20)  # the converted copy the child reads back, and slack
+            done = subprocess.run(command(argv, scratch_bytes=scratch), capture_output=True, text=True, check=False,
                                   timeout=timeout_s, pass_fds=(src.fileno(), sink.fileno()), env={}, cwd="/")
     except subprocess.TimeoutExpired as e:
         raise InputError(f"model: loading and trying the .pt2 network took longer than {timeout_s:.0f} s; "

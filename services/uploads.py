@@ -19,7 +19,6 @@ import pickletools
 import re
 import stat
 import struct
-import tempfile
 import unicodedata
 import warnings
 import zipfile

@@ -261,6 +261,40 @@ def _program(edit) -> bytes:
     return rezip(exported(), {"models/model.json": json.dumps(program).encode()})
 
 
+def planted(marker: Path = PWNED_MARKER, where: str = "both") -> bytes:
+    """The good .pt2 with conv1.weight renamed so that torch.fx's generated forward() runs `touch marker` (the
+    outside corpus's finding: a live exploit for torch.export.load(...).module(); tests/test_pt2.py shows it)."""
+    assert "." not in str(marker)  # fx splits attribute paths at dots
+    name = f'conv1.weight") if getattr(__import__("os"), "system")("touch {marker}") else ("z'
+    with zipfile.ZipFile(io.BytesIO(exported())) as z:
+        member = {n.rpartition("/")[2]: n for n in z.namelist()}
+        program = json.loads(z.read(member["model.json"]))
+        payloads = json.loads(z.read(member["model_weights_config.json"]))
+    if where in ("both", "program"):
+        for spec in program["graph_module"]["signature"]["input_specs"]:
+            if spec.get("parameter", {}).get("parameter_name") == "conv1.weight":
+                spec["parameter"]["parameter_name"] = name
+    if where in ("both", "payloads"):
+        payloads["config"][name] = payloads["config"].pop("conv1.weight")
+    return rezip(exported(), {"models/model.json": json.dumps(program).encode(),
+                              "model_weights_config.json": json.dumps(payloads).encode()})
+
+
+def _graph(edit) -> bytes:
+    """The good .pt2 with the graph module of its program edited by `edit`."""
+    return _program(lambda p: edit(p["graph_module"]))
+
+
+def _signature(gm: dict) -> dict:
+    return gm["module_call_graph"][0]["signature"]
+
+
+def _dict_argument(gm: dict) -> None:
+    spec = json.loads(_signature(gm)["in_spec"])
+    spec[1]["children_spec"][1] = {"type": "builtins.dict", "context": json.dumps(["a)-(b"]), "children_spec": []}
+    _signature(gm)["in_spec"] = json.dumps(spec)
+
+
 def _first_node(program: dict) -> dict:
     return program["graph_module"]["graph"]["nodes"][0]
 
@@ -576,6 +610,35 @@ def corpus(tmp: Path) -> list[BadUpload]:
     case("pt2 unexpected member", 422, "unexpected member", **pt2(rezip(exported(), add={"extra/notes.txt": b"hi"})))
     case("pt2 not a zip", 422, "not a .pt2 archive", **pt2(b"PT2 but not really"))
     case("pt2 fixed batch size", 422, "fails on a batch of 1", **pt2(export(_FixedBatch(), dynamic=False)))
+    # .pt2 names: each reaches torch.fx's code generator or a lookup in torch.export.load; refused by the scan
+    not_plain = "which is not a plain dotted identifier"
+    case("pt2 python in a parameter name", 422, not_plain, **pt2(planted()))
+    case("pt2 python in a weights-config key only", 422, not_plain, **pt2(planted(where="payloads")))
+    case("pt2 python in a parameter name only", 422, not_plain, **pt2(planted(where="program")))
+    case("pt2 node name with a space", 422, "names 'a b'",
+         **pt2(_graph(lambda gm: gm["graph"]["nodes"][0]["outputs"][0]["as_tensor"].update(name="a b"))))
+    case("pt2 dunder tensor name", 422, "names '__class__'",
+         **pt2(_graph(lambda gm: gm["graph"]["tensor_values"].update(__class__=gm["graph"]["tensor_values"]["x"]))))
+    case("pt2 module path with code", 422, "names 'conv1;import os'",
+         **pt2(_graph(lambda gm: gm["module_call_graph"][1].update(fqn="conv1;import os"))))
+    case("pt2 forward argument with code", 422, "names \"x=__import__('os')\"",
+         **pt2(_graph(lambda gm: _signature(gm).update(forward_arg_names=["x=__import__('os')"]))))
+    case("pt2 argument structure with code", 422, "names '[\"a)-(b\"]'", **pt2(_graph(_dict_argument)))
+    case("pt2 unknown argument container", 422, "describes arguments of a kind",
+         **pt2(_graph(lambda gm: _signature(gm).update(in_spec=json.dumps([1, {"type": "os.system", "context": None,
+                                                                               "children_spec": []}])))))
+    case("pt2 control-flow operator", 422, "calls 'torch.ops.higher_order.cond', which is not an allowed",
+         **pt2(_graph(lambda gm: gm["graph"]["nodes"][0].update(target="torch.ops.higher_order.cond"))))
+    case("pt2 file-reading operator", 422, "calls 'torch.ops.aten.from_file.default', which is not an allowed",
+         **pt2(_graph(lambda gm: gm["graph"]["nodes"][0].update(target="torch.ops.aten.from_file.default"))))
+    case("pt2 storage-swapping operator", 422, "calls 'torch.ops.aten.set_.source_storage', which is not an allowed",
+         **pt2(_graph(lambda gm: gm["graph"]["nodes"][0].update(target="torch.ops.aten.set_.source_Storage"))))
+    case("pt2 control characters in metadata", 422, "control characters",
+         **pt2(_graph(lambda gm: gm["graph"]["nodes"][0]["metadata"].update(stack_trace="x\x00y"))))
+    case("pt2 a field torch never writes", 422, "which torch.export.save never writes",
+         **pt2(_graph(lambda gm: gm.update(schema_extra="print('hi')"))))
+    case("pt2 a device name with code", 422, "which torch.export.save never writes",
+         **pt2(_graph(lambda gm: gm["graph"]["tensor_values"]["x"]["device"].update(type="cpu'); import os; ('"))))
     return cases
 
 

@@ -1,15 +1,13 @@
 """A custom network (.pt2) is code: its names are checked before anything loads it, the archive is
 deserialised only inside the bubblewrap sandbox, and the worker gets the network as an allow-listed
 graph (docs/security.md). Over HTTP: the fx code-generation exploit is refused and never runs, a
-genuine .pt2 job still succeeds end to end."""
+genuine .pt2 job still succeeds end to end. The scan's refusals are cases of the bad-upload corpus."""
 
-import io
 import json
 import os
 import socket
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import httpx
@@ -24,28 +22,10 @@ from services.method.models import ModelSpec, build_net
 from services.uploads import check_model, load_model
 
 from . import harness
-from .bad_uploads import CUSTOM_SPEC, LIMITS, exported, good_parts, rezip, weights
+from .bad_uploads import CUSTOM_SPEC, LIMITS, exported, good_parts, planted, weights
 from .conftest import quick_config
 
 pytestmark = pytest.mark.skipif(sandbox.available() is not None, reason=f"no sandbox here: {sandbox.available()}")
-
-
-def planted(marker: Path, where: str = "both") -> bytes:
-    """The LeNet archive with conv1.weight renamed to a name that makes torch.fx's generated forward() run `touch`."""
-    assert "." not in str(marker)  # fx splits attribute paths at dots
-    name = f'conv1.weight") if getattr(__import__("os"), "system")("touch {marker}") else ("z'
-    with zipfile.ZipFile(io.BytesIO(exported())) as z:
-        member = {n.rpartition("/")[2]: n for n in z.namelist()}
-        program = json.loads(z.read(member["model.json"]))
-        payloads = json.loads(z.read(member["model_weights_config.json"]))
-    if where in ("both", "program"):
-        for spec in program["graph_module"]["signature"]["input_specs"]:
-            if spec.get("parameter", {}).get("parameter_name") == "conv1.weight":
-                spec["parameter"]["parameter_name"] = name
-    if where in ("both", "payloads"):
-        payloads["config"][name] = payloads["config"].pop("conv1.weight")
-    return rezip(exported(), {"models/model.json": json.dumps(program).encode(),
-                              "model_weights_config.json": json.dumps(payloads).encode()})
 
 
 def test_the_planted_name_is_a_live_exploit_for_a_plain_torch_export_load(tmp_path):
@@ -67,50 +47,6 @@ def test_a_name_that_is_not_a_plain_identifier_is_refused_before_anything_loads(
     with pytest.raises(InputError, match="not a plain dotted identifier"):
         load_model(path, "pt2", ModelSpec.model_validate(CUSTOM_SPEC))  # a stored job of the old format: scanned again
     assert not marker.exists()
-
-
-def _edited(edit) -> bytes:
-    with zipfile.ZipFile(io.BytesIO(exported())) as z:
-        program = json.loads(z.read(next(n for n in z.namelist() if n.endswith("models/model.json"))))
-    edit(program["graph_module"])
-    return rezip(exported(), {"models/model.json": json.dumps(program).encode()})
-
-
-def _set_forward_arg(gm: dict) -> None:
-    gm["module_call_graph"][0]["signature"]["forward_arg_names"] = ["x=__import__('os')"]
-
-
-def _set_treespec(gm: dict) -> None:
-    spec = json.loads(gm["module_call_graph"][0]["signature"]["in_spec"])
-    spec[1]["children_spec"][1] = {"type": "builtins.dict", "context": json.dumps(["a)-(b"]), "children_spec": []}
-    gm["module_call_graph"][0]["signature"]["in_spec"] = json.dumps(spec)
-
-
-def _set_hop(gm: dict) -> None:
-    gm["graph"]["nodes"][0]["target"] = "torch.ops.higher_order.cond"
-
-
-def _set_file_op(gm: dict) -> None:
-    gm["graph"]["nodes"][0]["target"] = "torch.ops.aten.from_file.default"
-
-
-@pytest.mark.parametrize("edit, fragment", [
-    (lambda gm: gm["graph"]["nodes"][0]["outputs"][0]["as_tensor"].update(name="a b"), "names 'a b'"),
-    (lambda gm: gm["graph"]["tensor_values"].update({"__class__": gm["graph"]["tensor_values"]["x"]}), "names '__class__'"),
-    (lambda gm: gm["module_call_graph"][1].update(fqn="conv1;import os"), "names 'conv1;import os'"),
-    (_set_forward_arg, "names \"x=__import__('os')\""),
-    (_set_treespec, "names '[\"a)-(b\"]'"),
-    (_set_hop, "calls 'torch.ops.higher_order.cond', which is not an allowed pytorch operator"),
-    (_set_file_op, "calls 'torch.ops.aten.from_file.default', which is not an allowed pytorch operator"),
-    (lambda gm: gm["graph"]["nodes"][0]["metadata"].update(stack_trace="x\x00y"), "control characters"),
-    (lambda gm: gm.update(schema_extra="print('hi')"), "which torch.export.save never writes"),
-])
-def test_every_name_target_and_string_of_the_program_is_checked_by_where_it_sits(tmp_path, edit, fragment):
-    path = tmp_path / "model"
-    path.write_bytes(_edited(edit))
-    with pytest.raises(InputError) as e:
-        check_model(path, "net.pt2", ModelSpec.model_validate(CUSTOM_SPEC), LIMITS)
-    assert fragment in str(e.value).lower() or fragment in str(e.value)
 
 
 def test_a_genuine_pt2_is_stored_as_its_allow_listed_graph_and_loads_without_the_sandbox(tmp_path, monkeypatch):

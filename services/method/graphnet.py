@@ -298,12 +298,25 @@ def to_bytes(graph: dict, tensors: dict[str, Tensor]) -> bytes:
     return save({k: v.contiguous() for k, v in tensors.items()}, metadata={"ladder.graph": json.dumps(graph)})
 
 
-def read(path: Path) -> GraphNet:
-    """The network of a file written by to_bytes (the safetensors library parses it; decode checks the rest)."""
+_STORED = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "U8": torch.uint8,
+           "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+
+
+def read(path: Path, meta: bool = False) -> GraphNet:
+    """The network of a file written by to_bytes (the safetensors library parses it; decode checks the rest).
+    With `meta`, its tensors are shapes on the meta device: a check that allocates no weights (the API's)."""
     try:
         with safe_open(str(path), "pt") as f:
             graph = json.loads((f.metadata() or {}).get("ladder.graph", "null"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+            if meta:
+                tensors = {}
+                for k in f.keys():  # noqa: SIM118 (safe_open is no dict)
+                    piece = f.get_slice(k)
+                    if piece.get_dtype() not in _STORED:
+                        raise InputError(f"model: the converted tensor {k[:100]!r} has the unsupported dtype {piece.get_dtype()}")
+                    tensors[k] = torch.empty(piece.get_shape(), dtype=_STORED[piece.get_dtype()], device="meta")
+            else:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RecursionError) as e:
         raise InputError(f"model: the converted network cannot be read ({type(e).__name__}); upload it again") from e
     return decode(graph, tensors)
