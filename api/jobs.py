@@ -20,6 +20,7 @@ import services
 from api.deps import ContextDep, TenantDep, in_session
 from api.problems import Problem
 from api.schemas import JobOut, JobPage, ProblemOut
+from services.bounds import check_bounds
 from services.jobs import repository, service
 from services.method.pipeline import STAGE_SCHEMA
 from services.uploads import PARTS, Limits, check_data, check_model, check_part, parse_config, parse_spec
@@ -99,6 +100,7 @@ def _submit(ctx: Context, tenant: uuid.UUID, key: str | None, paths: dict[str, P
                 return service.replay(earlier, request_digest), False
     spec = parse_spec(paths["model_spec"].read_bytes())
     config = parse_config(paths["config"].read_bytes() if "config" in paths else None)
+    check_bounds(config, ctx.settings)
     inputs: dict[str, Any] = {}
     fmt = check_model(paths["model"], filenames["model"] or "model", spec, limits)
     inputs["model"] = {"format": fmt}

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import services
+from services.bounds import check_bounds
 from services.checkpoints import DirectoryStore, atomic_write
 from services.datasets import (
     ImageData, channels_first, conform, load_npz, mnist5k, mnist_idx, save_npz, stratified_split,
@@ -142,6 +143,7 @@ def cmd_harden(args: argparse.Namespace) -> None:
     """Harden a model with LADDER and write the hardened weights and the report."""
     spec = load_spec(Path(args.spec))
     config = load_config(Path(args.config) if args.config else None)
+    check_bounds(config)  # the LADDER_MAX_* settings, as a submission is checked
     weights = load_weights(Path(args.model))
     model = build_classifier(spec, weights)
     train = conform(load_data(args.train, "training data"), spec.input_shape, spec.num_classes, "training data")

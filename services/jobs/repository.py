@@ -3,16 +3,28 @@
 import uuid
 from datetime import datetime
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from services.jobs.models import Artifact, Job, JobStage
+from services.tenants.models import Tenant
+
+ACTIVE = ("queued", "running")  # the statuses that are not TERMINAL
+
+
+def _sqlite(session: Session) -> bool:
+    return session.get_bind().dialect.name == "sqlite"
 
 
 def get(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> Job | None:
-    """The job, locked for update when asked (PostgreSQL; SQLite serialises writers anyway)."""
+    """The job, locked for update until the transaction ends when asked. SQLite ignores FOR UPDATE and
+    reads outside any transaction, so there a no-op UPDATE first takes the database's write lock: the
+    row read next cannot change before the commit (a cancel and a stage's end then take turns there too)."""
     stmt = select(Job).where(Job.id == job_id)
     if lock:  # and refresh a copy this session already holds: the decision must see the locked row
+        if _sqlite(session):
+            session.execute(update(Job).where(Job.id == job_id).values(status=Job.status)
+                            .execution_options(synchronize_session=False))
         stmt = stmt.with_for_update().execution_options(populate_existing=True)
     return session.scalar(stmt)
 
@@ -25,6 +37,22 @@ def get_for_tenant(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) ->
 def by_idempotency_key(session: Session, tenant_id: uuid.UUID, key: str) -> Job | None:
     """The tenant's job created with this Idempotency-Key."""
     return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def lock_tenant(session: Session, tenant_id: uuid.UUID) -> None:
+    """Hold the tenant's row until the transaction ends, so that its concurrent submissions take turns.
+    PostgreSQL: FOR NO KEY UPDATE (inserting jobs, whose foreign key takes KEY SHARE, is not blocked);
+    SQLite takes no lock on a SELECT, so a no-op UPDATE takes the database's write lock instead."""
+    if _sqlite(session):
+        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name)
+                        .execution_options(synchronize_session=False))
+    else:
+        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
+
+
+def active_count(session: Session, tenant_id: uuid.UUID) -> int:
+    """How many of the tenant's jobs are queued or running."""
+    return session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE)))
 
 
 def page(session: Session, tenant_id: uuid.UUID, limit: int, before: tuple[datetime, uuid.UUID] | None) -> list[Job]:
@@ -68,7 +96,7 @@ def drop_artifacts(session: Session, job_id: uuid.UUID, prefix: str = "") -> Non
 def stuck(session: Session, held_before: datetime, queued_before: datetime) -> list[Job]:
     """Active jobs whose worker's heartbeat stopped, or that no worker took since they were enqueued."""
     return list(session.scalars(select(Job).where(
-        Job.status.in_(("queued", "running")),
+        Job.status.in_(ACTIVE),
         or_(and_(Job.worker.is_not(None), Job.heartbeat_at < held_before),
             and_(Job.worker.is_(None), Job.enqueued_at < queued_before)),
     ).with_for_update(skip_locked=True)))

@@ -19,8 +19,10 @@ from sqlalchemy.orm import Session
 
 from services.artifacts import ArtifactStore
 from services.db import after_commit, utcnow
+from services.errors import InputError
 from services.jobs import repository
 from services.jobs.models import STAGES, TERMINAL, Job, JobStage
+from services.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,18 @@ class Conflict(Exception):
     """A request that the job's state does not allow (HTTP 409)."""
 
 
+class TooManyJobs(InputError):
+    """The tenant already has as many active jobs as it may (HTTP 429); `headers` carries Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int = 60):
+        super().__init__(message, 429)
+        self.retry_after_s = retry_after_s
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+    def __reduce__(self):
+        return type(self), (str(self), self.retry_after_s)
+
+
 @dataclass
 class NewJob:
     """What the API learned from an upload."""
@@ -78,13 +92,27 @@ def finite(value: Any) -> Any:
     return value
 
 
-def create(session: Session, new: NewJob, dispatcher: Dispatcher) -> tuple[Job, bool]:
+def create(session: Session, new: NewJob, dispatcher: Dispatcher, max_active: int | None = None) -> tuple[Job, bool]:
     """Insert the job and enqueue its first stage after commit; (job, created). With an
-    Idempotency-Key already used, the earlier job is answered (same payload) or Conflict raised."""
+    Idempotency-Key already used, the earlier job is answered (same payload) or Conflict raised.
+    A tenant with `max_active` queued or running jobs (default: LADDER_MAX_ACTIVE_JOBS_PER_TENANT;
+    0 = no cap) gets TooManyJobs; a replay is neither counted nor refused."""
+    if max_active is None:
+        max_active = get_settings().max_active_jobs_per_tenant
+    # the tenant's submissions take turns from here to the commit: the replay lookup sees a job a concurrent
+    # request with the same key committed meanwhile, and the count cannot miss one being inserted
+    repository.lock_tenant(session, new.tenant_id)
     if new.idempotency_key is not None:
         earlier = repository.by_idempotency_key(session, new.tenant_id, new.idempotency_key)
         if earlier is not None:
             return replay(earlier, new.request_digest), False
+    if max_active:
+        active = repository.active_count(session, new.tenant_id)
+        if active >= max_active:
+            jobs = f"{active} active job{'s' * (active != 1)}"
+            raise TooManyJobs(f"this tenant has {jobs} (queued or running), the most it may have at once "
+                              f"(LADDER_MAX_ACTIVE_JOBS_PER_TENANT={max_active}); wait for one to finish, or cancel one "
+                              "(POST /v1/jobs/{id}/cancel), then submit again")
     job_id = new.id
     job = Job(id=job_id, tenant_id=new.tenant_id, idempotency_key=new.idempotency_key, request_digest=new.request_digest,
               inputs_digest=new.inputs_digest, spec=new.spec, config=new.config, inputs=new.inputs,
@@ -186,10 +214,15 @@ def complete_stage(session: Session, job_id: uuid.UUID, stage: str, worker: str,
                    artifacts: dict[str, tuple[str, str, int]], dispatcher: Dispatcher, store: ArtifactStore,
                    report: dict[str, Any] | None = None) -> bool:
     """Record the stage's artifacts and its end, then move on (the next stage is enqueued after
-    commit) or finish the job. False when the worker no longer held the stage."""
+    commit) or finish the job; a job whose cancel was acknowledged meanwhile ends canceled instead
+    (under the job's lock, as request_cancel takes it: a cancel either lands before this commit and
+    wins, or after it and finds the job finished). False when the worker no longer held the stage."""
     job = repository.get(session, job_id, lock=True)
     if not holds(job, stage, worker):
         return False
+    if job.cancel_requested:  # acknowledged while the stage ran: after its last batch, or in one without batches (report)
+        _end(session, job, "canceled", store)  # what the stage stored goes with the job's other artifacts
+        return True
     for name, (key, sha, size) in artifacts.items():
         repository.put_artifact(session, job_id, name, key, sha, size)
     now = utcnow()

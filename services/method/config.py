@@ -11,8 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 LRSchedule = Literal["constant", "cosine"]
 
 
+# The seed and the stage seeds derived from it (pipeline.stage_seed: seed·1009 + …, then + a few hundred) must fit
+# torch's 64-bit generator seed; 2**53 is also the largest integer a JSON client (JavaScript) keeps exactly.
+SEED_LIMIT = 2**53
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: NaN or ±Infinity (which Python's JSON parser accepts) is refused in every field
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BoundaryConfig(_Section):
@@ -198,7 +204,7 @@ TRAINED_ON: dict[str, str] = {"fgsm_at": "fgsm", "pgd_at": "pgd", "ladder": "lad
 class LadderConfig(_Section):
     """Everything a hardening run depends on. Defaults follow the paper unless method.md decides otherwise."""
 
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="every random draw of the run derives from it (0 ≤ seed < 2**53)")
     latent_layer: str | None = Field(None, description="overrides the spec's latent_layer")
     variants: list[Variant] = Field([], description="models trained besides vanilla, control and ladder")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified hold-out when no test data is given")
