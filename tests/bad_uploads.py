@@ -28,10 +28,12 @@ from PIL import Image
 from safetensors.torch import save
 from torch import nn
 
+from services.bounds import check_bounds
 from services.datasets import mnist5k
 from services.errors import InputError
 from services.method.config import LadderConfig
 from services.method.models import ModelSpec, build_classifier, build_net, net_weights
+from services.settings import Settings
 from services.uploads import (
     PARTS,
     DataInfo,
@@ -92,6 +94,7 @@ def validate_parts(parts: Parts, tmp: Path, limits: Limits) -> Validated:
             raise InputError(f"{name} is larger than {cap} bytes", 413)
     spec = parse_spec(parts["model_spec"][1])
     config = parse_config(parts["config"][1] if "config" in parts else None)
+    check_bounds(config, Settings())  # the LADDER_MAX_* defaults, as the API's tests run them
     folder = tmp / uuid.uuid4().hex
     folder.mkdir(parents=True)
     paths = {}
@@ -386,6 +389,16 @@ def corpus(tmp: Path) -> list[BadUpload]:
     case("config bad value", 422, "finetune.epochs: input should be greater than or equal to 1",
          config=config({"finetune": {"epochs": 0}}))
     case("config not utf-8", 422, "not utf-8", config=config(b'\xff\xfe{"seed": 1}'))
+    # what one job may cost (services/bounds.py): one tenant must not hold every worker
+    case("config a billion epochs", 422, "finetune.epochs = 1,000,000,000 is above the limit of 100",
+         config=config({"finetune": {"epochs": 10**9}}))
+    case("config a million pgd steps", 422, "evaluate.attack.pgd_steps = 1,000,000 is above the limit",
+         config=config({"evaluate": {"attack": {"pgd_steps": 10**6}}}))
+    case("config too many eps values", 422, "perturb.eps",
+         config=config({"perturb": {"eps": [0.1 * i for i in range(1, 200)]}}))
+    case("config a seed beyond 64 bits", 422, "beyond 64 bits", config=config({"seed": 2**64 + 1}))
+    case("config a seed its stages would overflow", 422, "seed", config=config({"seed": 2**60}))
+    case("config a time budget of infinity", 422, "infinity", config=config(b'{"generator": {"time_budget_s": Infinity}}'))
 
     # data: .npz
     case("labels out of range", 422, "labels span 0..12", train_data=train(npz(x=x, y=np.where(y == 9, 12, y))))
