@@ -1,6 +1,7 @@
 """Job routes: submit a hardening job, list, poll, cancel, download the model and the report."""
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -11,15 +12,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 import services
 from api.deps import ContextDep, TenantDep, in_session
-from api.problems import Problem
-from api.schemas import JobOut, JobPage, ProblemOut
+from api.problems import Problem, responses
+from api.schemas import JobOut, JobPage
 from services.bounds import check_bounds
 from services.jobs import repository, service
 from services.method.pipeline import STAGE_SCHEMA
@@ -27,23 +30,38 @@ from services.uploads import PARTS, Limits, check_data, check_model, check_part,
 from workers.context import Context
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
-PROBLEMS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ProblemOut, "description": what} for code, what in {
-        401: "missing or unknown API key", 404: "no such job for this tenant", 409: "not allowed in the job's state",
-        413: "a part or the request is too large", 415: "a part has the wrong type", 422: "invalid content (the detail says what to fix)",
-    }.items()
-}
 CHUNK = 1 << 20
-SUFFIX = {"safetensors": ".safetensors", "pt2": ".pt2", "npz": ".npz", "zip": ".zip"}
-HARDEN_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["model", "model_spec", "train_data"],
-    "properties": {
-        "model": {"type": "string", "format": "binary", "description": "weights as safetensors (state dict), or a torch.export .pt2 archive with architecture 'custom'"},
-        "model_spec": {"type": "string", "description": 'JSON: {"architecture", "num_classes", "input_shape": [C,H,W], "mean", "std", "latent_layer"?}'},
-        "train_data": {"type": "string", "format": "binary", "description": ".npz with x and y, or a .zip of one folder of images per class"},
-        "test_data": {"type": "string", "format": "binary", "description": "optional, same formats; default: a stratified hold-out of train_data"},
-        "config": {"type": "string", "description": "optional JSON of method settings (LadderConfig); unknown keys are refused"},
-    }}}}}}
+SUFFIX = {"safetensors": ".safetensors", "pt2": ".pt2", "graph": ".graph.safetensors", "npz": ".npz", "zip": ".zip"}
+CURSOR = r"^[A-Za-z0-9_-]+={0,2}$"  # the `next` link's cursor: URL-safe base64 of "created_at|id"
+JobId = Annotated[uuid.UUID, PathParam(description="the job's id, as POST /v1/harden answered it")]
+_WHAT = {
+    "model": "weights as safetensors (a state dict), or a torch.export .pt2 archive with architecture 'custom'",
+    "model_spec": 'JSON: {"architecture", "num_classes", "input_shape": [C,H,W], "mean", "std", "latent_layer"?}',
+    "train_data": ".npz with x and y, or a .zip of one folder of images per class",
+    "test_data": "optional, same formats as train_data; default: a stratified hold-out of train_data",
+    "config": "optional JSON of method settings (LadderConfig); unknown keys are refused",
+}
+
+
+def _part_schema(name: str) -> dict[str, Any]:
+    """One part of the multipart body in the OpenAPI document, from its rule in services.uploads.PARTS."""
+    rule = PARTS[name]
+    names = " or ".join(f"*{s}" for s in rule.suffixes)
+    how = f"a file named {names}" if rule.file else f"a field, or a file named {names}"
+    schema: dict[str, Any] = {"type": "string", "description": f"{_WHAT[name]}. Sent as {how}; media type "
+                              f"{', '.join(sorted(rule.content_types))}; once; at most LADDER_MAX_{rule.cap.upper()}."}
+    if rule.file:
+        schema["format"] = "binary"
+    else:
+        schema["contentMediaType"] = "application/json"
+    return schema
+
+
+HARDEN_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": [n for n, rule in PARTS.items() if rule.required], "additionalProperties": False,
+               "properties": {name: _part_schema(name) for name in PARTS}},
+    "encoding": {name: {"contentType": ", ".join(sorted(rule.content_types))} for name, rule in PARTS.items()},
+}}}}
 
 
 def _too_large(name: str, size: int | None, cap: int) -> str:
@@ -51,14 +69,58 @@ def _too_large(name: str, size: int | None, cap: int) -> str:
     return f"part {name!r} is larger than the {cap:,}-byte limit{given}; send a smaller file"
 
 
+class _JobParts(MultiPartParser):
+    """Starlette's multipart parser, refusing a part of a job by name as soon as its headers arrive (unknown,
+    sent twice, a file part sent as a field, a wrong media type or file kind) and as soon as its bytes pass its cap;
+    anything else it cannot parse is a 400. So Starlette's own limits on parts are never the ones that answer."""
+
+    def __init__(self, request: Request, stream: Any, limits: Limits):
+        super().__init__(request.headers, stream, max_files=len(PARTS), max_fields=len(PARTS), max_part_size=limits.json_bytes)
+        self.limits, self.seen, self.size = limits, set[str](), 0
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._current_part.content_disposition)
+        if b"name" in options:
+            name = options[b"name"].decode("utf-8", "replace")
+            if name not in PARTS:
+                shown = repr(name[:80] + ("…" if len(name) > 80 else ""))
+                raise Problem(422, f"unknown part {shown}; send {', '.join(PARTS)}")
+            if name in self.seen:
+                raise Problem(422, f"part {name!r} was sent more than once; send it once")
+            if PARTS[name].file and b"filename" not in options:
+                raise Problem(422, f"part {name!r} must be a file upload (curl: -F {name}=@FILE)")
+            self.seen.add(name)
+        super().on_headers_finished()  # no name: a MultiPartException
+        part = self._current_part
+        if part.file is not None:
+            check_part(part.field_name, part.file.filename, part.file.content_type)
+        self.size = 0
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        name = self._current_part.field_name
+        self.size += end - start
+        cap = getattr(self.limits, PARTS[name].cap)
+        if self.size > cap:
+            raise Problem(413, _too_large(name, None, cap))
+        super().on_part_data(data, start, end)
+
+
+async def _parts(request: Request, limits: Limits) -> FormData:
+    """The job's parts: fields in memory (capped at json_bytes), files spooled to temporary files."""
+    media, _ = parse_options_header(request.headers.get("content-type", ""))
+    if media != b"multipart/form-data":
+        raise Problem(415, "send the job as multipart/form-data with parts model, model_spec, train_data (and optionally test_data, config)")
+    async with contextlib.aclosing(request.stream()) as stream:
+        try:
+            return await _JobParts(request, stream, limits).parse()
+        except MultiPartException as e:
+            raise Problem(400, f"the multipart body cannot be parsed ({e.message}); send parts {', '.join(PARTS)} "
+                               "as multipart/form-data (curl: -F name=@FILE)") from e
+
+
 def _receive(form: FormData, tmp: Path, limits: Limits) -> tuple[dict[str, Path], dict[str, str | None], dict[str, str]]:
-    """Copy every part to `tmp`, hashing it and checking names, types and size caps as the bytes are copied."""
+    """Copy every part to `tmp`, hashing it (names, types and sizes were checked as the parts arrived)."""
     names = list(form.keys())
-    for name in names:
-        if name not in PARTS:
-            raise Problem(422, f"unknown part {name!r}; send {', '.join(PARTS)}")
-        if len(form.getlist(name)) > 1:
-            raise Problem(422, f"part {name!r} was sent more than once; send it once")
     missing = [n for n, rule in PARTS.items() if rule.required and n not in names]
     if missing:
         raise Problem(422, f"missing part(s) {', '.join(missing)}; a job needs model, model_spec and train_data")
@@ -66,21 +128,16 @@ def _receive(form: FormData, tmp: Path, limits: Limits) -> tuple[dict[str, Path]
     for name in names:
         value, cap = form[name], getattr(limits, PARTS[name].cap)
         if isinstance(value, UploadFile):
-            check_part(name, value.filename, value.content_type)
-            if value.size is not None and value.size > cap:
-                raise Problem(413, _too_large(name, value.size, cap))
             value.file.seek(0)
             source, filenames[name] = value.file, value.filename
         else:
-            if name not in ("model_spec", "config"):
-                raise Problem(422, f"part {name!r} must be a file upload (curl: -F {name}=@FILE)")
             source, filenames[name] = io.BytesIO(value.encode()), None
         h, size = hashlib.sha256(), 0
         paths[name] = tmp / name
         with open(paths[name], "wb") as out:
             while chunk := source.read(CHUNK):
                 size += len(chunk)
-                if size > cap:  # a part whose size was not announced
+                if size > cap:  # a field whose text encodes to more bytes than arrived
                     raise Problem(413, _too_large(name, None, cap))
                 h.update(chunk)
                 out.write(chunk)
@@ -150,20 +207,15 @@ def _location(job: Any) -> dict[str, str]:
 
 
 @router.post("/harden", status_code=202, response_model=JobOut, openapi_extra=HARDEN_BODY,
-             responses={**PROBLEMS, 202: {"description": "accepted; poll the Location"}})
+             responses={**responses(400, 401, 408, 413, 415, 422, 429), 202: {"description": "accepted; poll the Location"}})
 async def harden(
     request: Request, response: Response, tenant: TenantDep, ctx: ContextDep,
     idempotency_key: Annotated[str | None, Header(max_length=200, description="same key + same parts → the same job")] = None,
 ) -> JobOut:
     """Submit a model and its data for hardening."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise Problem(415, "send the job as multipart/form-data with parts model, model_spec, train_data (and optionally test_data, config)")
     limits = Limits.from_settings(ctx.settings)
     with tempfile.TemporaryDirectory(prefix="ladder-upload-") as tmp:
-        try:
-            form = await request.form(max_files=len(PARTS), max_fields=len(PARTS), max_part_size=limits.json_bytes)
-        except MultiPartException as e:
-            raise Problem(422, f"the multipart body cannot be read ({e.message}); send parts {', '.join(PARTS)}") from e
+        form = await _parts(request, limits)
         try:
             paths, filenames, shas = await run_in_threadpool(_receive, form, Path(tmp), limits)
         finally:
@@ -186,9 +238,10 @@ def _cursor(job: Any) -> str:
     return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
 
 
-@router.get("/jobs", response_model=JobPage, responses=PROBLEMS)
+@router.get("/jobs", response_model=JobPage, responses=responses(401, 422))
 async def list_jobs(ctx: ContextDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                    cursor: Annotated[str | None, Query(description="the `next` of the previous page")] = None) -> JobPage:
+                    cursor: Annotated[str | None, Query(description="the cursor of the previous page's `next` link",
+                                                        pattern=CURSOR, max_length=200)] = None) -> JobPage:
     """The caller's jobs, newest first."""
     before = None
     if cursor:
@@ -208,15 +261,15 @@ async def list_jobs(ctx: ContextDep, tenant: TenantDep, limit: Annotated[int, Qu
     return await in_session(ctx, page)
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, responses=PROBLEMS)
-async def get_job(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep) -> Response:
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=responses(401, 404, 422))
+async def get_job(job_id: JobId, ctx: ContextDep, tenant: TenantDep) -> Response:
     """A job's status, stage, progress, timings and error."""
     body = await in_session(ctx, lambda s: JobOut.of(_job(s, tenant, job_id)).model_dump_json())
     return Response(body, media_type="application/json")  # serialised once: this is the route clients poll
 
 
-@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, responses=PROBLEMS)
-async def cancel_job(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep) -> JobOut:
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, responses=responses(401, 404, 409, 422))
+async def cancel_job(job_id: JobId, ctx: ContextDep, tenant: TenantDep) -> JobOut:
     """Cancel a queued job now, or a running one at its next batch."""
     def cancel(session) -> JobOut:
         _job(session, tenant, job_id)
@@ -230,9 +283,9 @@ def _finished(job: Any, what: str) -> None:
         raise Problem(409, f"job {job.id} is {job.status}; the {what} is ready once its status is succeeded")
 
 
-@router.get("/jobs/{job_id}/model", responses={**PROBLEMS, 200: {"content": {"application/octet-stream": {}},
+@router.get("/jobs/{job_id}/model", response_class=Response, responses={**responses(401, 404, 409, 422), 200: {"content": {"application/octet-stream": {}},
             "description": "the hardened weights (safetensors state dict); ETag = SHA-256"}, 304: {"description": "not modified"}})
-async def get_model(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep,
+async def get_model(job_id: JobId, ctx: ContextDep, tenant: TenantDep,
                     if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """The hardened weights as safetensors, with a strong ETag (their SHA-256)."""
     return await _artifact(ctx, tenant, job_id, "model", if_none_match, "application/octet-stream",
@@ -261,8 +314,8 @@ async def _artifact(ctx: Context, tenant: Any, job_id: uuid.UUID, name: str, if_
                              headers={"ETag": etag, "Content-Length": str(art.size), **headers})
 
 
-@router.get("/jobs/{job_id}/report", responses=PROBLEMS)
-async def get_report(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep) -> dict[str, Any]:
+@router.get("/jobs/{job_id}/report", responses=responses(401, 404, 409, 422))
+async def get_report(job_id: JobId, ctx: ContextDep, tenant: TenantDep) -> dict[str, Any]:
     """The evaluation report (JSON, schema ladder.report/2: docs/report.md), stored with the job."""
     def report(session) -> dict[str, Any]:
         job = _job(session, tenant, job_id)
@@ -272,10 +325,10 @@ async def get_report(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep) -> d
     return await in_session(ctx, report)
 
 
-@router.get("/jobs/{job_id}/report.html", responses={**PROBLEMS, 200: {"content": {"text/html": {}},
+@router.get("/jobs/{job_id}/report.html", response_class=Response, responses={**responses(401, 404, 409, 422), 200: {"content": {"text/html": {}},
             "description": "the evaluation report as one self-contained page; ETag = SHA-256"},
             304: {"description": "not modified"}})
-async def get_report_html(job_id: uuid.UUID, ctx: ContextDep, tenant: TenantDep,
+async def get_report_html(job_id: JobId, ctx: ContextDep, tenant: TenantDep,
                           if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """The evaluation report as one self-contained HTML page (tables, plots, generated examples)."""
     return await _artifact(ctx, tenant, job_id, "report.html", if_none_match, "text/html; charset=utf-8",

@@ -230,7 +230,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     """Run the API (embedded: SQLite, local artifacts and an in-process worker)."""
     import uvicorn
 
-    from api.app import create_app
+    from api.app import GuardedHttp, create_app
     from services.settings import get_settings
 
     settings = get_settings()
@@ -245,7 +245,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if key:
             console.print(f"local API key: {key}  (also in {settings.data_dir / 'local-api-key'})")
     db.engine.dispose()  # the app opens its own
-    common = {"host": host, "port": port, "log_level": args.log_level, "access_log": args.log_level == "debug"}
+    common = {"host": host, "port": port, "log_level": args.log_level, "access_log": args.log_level == "debug",
+              "http": GuardedHttp}  # httptools with a deadline and a size cap on request heads
     if args.workers > 1:
         uvicorn.run("api.app:create_app", factory=True, workers=args.workers, **common)  # each process reads the same settings
     else:

@@ -85,10 +85,10 @@ class Proc:
 class Server(Proc):
     """`ladder serve` on a free port."""
 
-    def __init__(self, env: dict[str, str], log: Path, workers: int = 1):
+    def __init__(self, env: dict[str, str], log: Path, workers: int = 1, log_level: str = "warning"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__(["serve", "--port", str(self.port), "--workers", str(workers), "--log-level", "warning"], env, log)
+        super().__init__(["serve", "--port", str(self.port), "--workers", str(workers), "--log-level", log_level], env, log)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.p.poll() is not None:
@@ -100,6 +100,14 @@ class Server(Proc):
                 pass
             time.sleep(0.3)
         raise RuntimeError(f"ladder serve not ready:\n{self.tail()}")
+
+
+EMBEDDED = {"LADDER_DATABASE_URL": "", "LADDER_BROKER_URL": "", "LADDER_ARTIFACTS_URL": ""}  # over any outer setting
+
+
+def embedded_env(data_dir: Path, **settings: str) -> dict[str, str]:
+    """The environment of an embedded `ladder serve` (SQLite, local artifacts, in-process worker) in `data_dir`."""
+    return {**EMBEDDED, "LADDER_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **settings}
 
 
 def worker(env: dict[str, str], log: Path) -> Proc:
@@ -123,3 +131,26 @@ def wait_for(job_url: str, key: str, done, timeout: float = 300, every: float = 
             return job
         time.sleep(every)
     raise TimeoutError(f"{job_url}: still {job.get('status')} at {job.get('progress')}")
+
+
+def submit_parts(url: str, key: str, parts: dict[str, tuple[str, bytes, str]], **headers: str) -> httpx.Response:
+    """POST /v1/harden with every part as a file part (name → (file name, bytes, media type)), as `curl -F name=@FILE` sends them."""
+    return httpx.post(f"{url}/v1/harden", files=parts, headers={"Authorization": f"Bearer {key}", **headers}, timeout=120)
+
+
+def expect_refusal(case, r: httpx.Response) -> None:
+    """The answer a bad upload (tests/bad_uploads.py's BadUpload) must get: its status, as problem details whose
+    detail holds its fragment, and no stack trace."""
+    assert r.status_code == case.status, (case.name, r.status_code, r.text)
+    assert r.headers["content-type"] == "application/problem+json", case.name
+    problem = r.json()
+    assert problem["status"] == case.status and case.fragment in problem["detail"].lower(), (case.name, problem)
+    assert "Traceback" not in r.text
+
+
+def send_corpus(url: str, key: str, cases: list, after=None) -> None:
+    """Send every bad upload to a server and check each answer; `after(case)` runs after each one."""
+    for case in cases:
+        expect_refusal(case, submit_parts(url, key, case.parts))
+        if after is not None:
+            after(case)

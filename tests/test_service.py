@@ -270,13 +270,7 @@ def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(server, keys, env, databa
     files_before = _store_files(env)
     cases = corpus(tmp_path)
     assert len(cases) >= 20
-    for case in cases:
-        r = httpx.post(f"{server.url}/v1/harden", files=case.parts, headers=_auth(keys["acme"]), timeout=120)
-        assert r.status_code == case.status, (case.name, r.status_code, r.text)
-        assert r.headers["content-type"] == "application/problem+json", case.name
-        problem = r.json()
-        assert problem["status"] == case.status and case.fragment in problem["detail"].lower(), (case.name, problem)
-        assert "Traceback" not in r.text
+    harness.send_corpus(server.url, keys["acme"], cases)
     assert _rows(database, "SELECT count(*) FROM jobs")[0][0] == jobs_before  # no job row left behind
     assert _store_files(env) == files_before  # no artifact left behind
     assert not PWNED_MARKER.exists()  # the planted pickle never ran
