@@ -90,14 +90,6 @@ class Settings(BaseSettings):
     max_variants: int = Field(6, ge=0, description="models in variants (6: every defence and ablation)")
     max_active_jobs_per_tenant: int = Field(4, ge=0, description="queued + running jobs of one tenant; more answer 429; 0 = no cap")
 
-    # what one job may cost, checked at submission (services/bounds.py); the defaults admit the paper's protocol
-    max_epochs: int = Field(100, ge=1, description="finetune.epochs, generator.max_epochs, evaluate.surrogate_epochs (authors: 100)")
-    max_samples: int = Field(60_000, ge=1, description="every sample count of a config (full MNIST: 60,000 training images)")
-    max_steps: int = Field(1000, ge=1, description="iterations of an attack or solver: PGD (evaluation, baselines), CW, the SVM's")
-    max_eps_values: int = Field(20, ge=1, description="values in perturb.eps or perturb.crossing_quantiles")
-    max_variants: int = Field(6, ge=0, description="models in variants (6: every defence and ablation)")
-    max_active_jobs_per_tenant: int = Field(4, ge=0, description="queued + running jobs of one tenant; more answer 429; 0 = no cap")
-
     @model_validator(mode="before")
     @classmethod
     def _read_secret_files(cls, data: Any) -> Any:
