@@ -26,7 +26,15 @@ from api.schemas import JobOut, JobPage
 from services.bounds import check_bounds
 from services.jobs import repository, service
 from services.method.pipeline import STAGE_SCHEMA
-from services.uploads import PARTS, Limits, check_data, check_model, check_part, parse_config, parse_spec
+from services.uploads import (
+    PARTS,
+    Limits,
+    check_data,
+    check_model,
+    check_part,
+    parse_config,
+    parse_spec,
+)
 from workers.context import Context
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -155,6 +163,8 @@ def _submit(ctx: Context, tenant: uuid.UUID, key: str | None, paths: dict[str, P
             earlier = repository.by_idempotency_key(s, tenant, key)
             if earlier is not None:
                 return service.replay(earlier, request_digest), False
+    with ctx.db.reading() as s:
+        service.refuse_if_full(s, tenant, ctx.settings.max_active_jobs_per_tenant)
     spec = parse_spec(paths["model_spec"].read_bytes())
     config = parse_config(paths["config"].read_bytes() if "config" in paths else None)
     check_bounds(config, ctx.settings)
@@ -182,7 +192,8 @@ def _submit(ctx: Context, tenant: uuid.UUID, key: str | None, paths: dict[str, P
         with ctx.db.session() as s:
             job, created = service.create(s, service.NewJob(
                 job_id, tenant, key, request_digest, inputs_digest, spec.model_dump(mode="json"),
-                config.model_dump(mode="json"), inputs, stored), ctx.dispatcher)
+                config.model_dump(mode="json"), inputs, stored), ctx.dispatcher,
+                ctx.settings.max_active_jobs_per_tenant)
     except BaseException:
         ctx.store.delete_prefix(f"jobs/{job_id}")
         raise

@@ -92,6 +92,20 @@ def finite(value: Any) -> Any:
     return value
 
 
+def refuse_if_full(session: Session, tenant_id: uuid.UUID, max_active: int) -> None:
+    """TooManyJobs when the tenant has `max_active` queued or running jobs (0: no cap). The API also asks this
+    before it checks an upload, so a tenant at its cap costs no sandboxed .pt2 checks; create() asks again
+    under the tenant's lock."""
+    if not max_active:
+        return
+    active = repository.active_count(session, tenant_id)
+    if active >= max_active:
+        jobs = f"{active} active job{'s' * (active != 1)}"
+        raise TooManyJobs(f"this tenant has {jobs} (queued or running), the most it may have at once "
+                          f"(LADDER_MAX_ACTIVE_JOBS_PER_TENANT={max_active}); wait for one to finish, or cancel one "
+                          "(POST /v1/jobs/{id}/cancel), then submit again")
+
+
 def create(session: Session, new: NewJob, dispatcher: Dispatcher, max_active: int | None = None) -> tuple[Job, bool]:
     """Insert the job and enqueue its first stage after commit; (job, created). With an
     Idempotency-Key already used, the earlier job is answered (same payload) or Conflict raised.
@@ -106,13 +120,7 @@ def create(session: Session, new: NewJob, dispatcher: Dispatcher, max_active: in
         earlier = repository.by_idempotency_key(session, new.tenant_id, new.idempotency_key)
         if earlier is not None:
             return replay(earlier, new.request_digest), False
-    if max_active:
-        active = repository.active_count(session, new.tenant_id)
-        if active >= max_active:
-            jobs = f"{active} active job{'s' * (active != 1)}"
-            raise TooManyJobs(f"this tenant has {jobs} (queued or running), the most it may have at once "
-                              f"(LADDER_MAX_ACTIVE_JOBS_PER_TENANT={max_active}); wait for one to finish, or cancel one "
-                              "(POST /v1/jobs/{id}/cancel), then submit again")
+    refuse_if_full(session, new.tenant_id, max_active)
     job_id = new.id
     job = Job(id=job_id, tenant_id=new.tenant_id, idempotency_key=new.idempotency_key, request_digest=new.request_digest,
               inputs_digest=new.inputs_digest, spec=new.spec, config=new.config, inputs=new.inputs,
