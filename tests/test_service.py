@@ -273,6 +273,6 @@ def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(server, keys, env, databa
     harness.send_corpus(server.url, keys["acme"], cases)
     assert _rows(database, "SELECT count(*) FROM jobs")[0][0] == jobs_before  # no job row left behind
     assert _store_files(env) == files_before  # no artifact left behind
-    assert not PWNED_MARKER.exists()  # the planted pickle never ran
+    assert not PWNED_MARKER.exists()  # the planted pickle and the planted .pt2 names never ran
     r = httpx.post(f"{server.url}/v1/harden", json={"model": "x"}, headers=_auth(keys["acme"]))
     assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
