@@ -44,17 +44,18 @@ def command(argv: list[str], scratch_bytes: int) -> list[str]:
     binds = sorted({Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), Path(sys.prefix),
                     _ROOT / "services"}, key=lambda p: len(p.parts))
     binds = [b for i, b in enumerate(binds) if not any(b.is_relative_to(a) for a in binds[:i])]
-    parents = sorted({p for b in binds for p in b.parents if p != Path("/")}, key=lambda p: len(p.parts))
+    parents = sorted({p for b in binds for p in b.parents if p not in (Path("/"), Path("/tmp"))}, key=lambda p: len(p.parts))
     cmd = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
            "--die-with-parent", "--new-session", "--clearenv",
            "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-           "--symlink", "usr/bin", "/bin", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+           "--symlink", "usr/bin", "/bin", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
+           # the scratch first: a checkout or virtualenv under /tmp is bound into it, read-only, not hidden by it
+           "--perms", "1777", "--size", str(scratch_bytes), "--tmpfs", "/tmp"]
     for p in parents:  # bwrap would make them 0700, closed to the unprivileged user
         cmd += ["--perms", "0755", "--dir", str(p)]
     for b in binds:
         cmd += ["--ro-bind", str(b), str(b)]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(scratch_bytes), "--tmpfs", "/tmp",
-            "--chdir", "/tmp"]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--chdir", "/tmp"]
     env = {"PATH": "/usr/bin", "HOME": "/tmp", "PYTHONPATH": str(_ROOT), "PYTHONDONTWRITEBYTECODE": "1",
            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LANG": "C.UTF-8"}
     for k, v in env.items():

@@ -58,7 +58,9 @@ def _answer(sock: socket.socket, last: bool = True) -> tuple[int, dict[str, str]
         body += sock.recv(65536)
     try:
         closed = last and sock.recv(1) == b""
-    except (ConnectionResetError, TimeoutError):
+    except ConnectionResetError:  # closed while the client still sent (a trickle): the kernel answers with a reset
+        closed = last
+    except TimeoutError:
         closed = False
     return int(lines[0].split()[1]), headers, body, closed
 
