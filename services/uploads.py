@@ -22,7 +22,7 @@ import struct
 import unicodedata
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,13 +206,7 @@ def _json_object(raw: bytes, what: str) -> dict:
                              "give a smaller number")
         return value
 
-    def unique(pairs: list[tuple[str, object]]) -> dict:
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise InputError(f"{what} gives the key {key[:100]!r} twice; give each key once")
-            seen.add(key)
-        return dict(pairs)
+    unique = _once_each(lambda key: f"{what} gives the key {key[:100]!r} twice; give each key once")
 
     try:
         value = json.loads(raw.decode("utf-8-sig"), parse_constant=constant, parse_float=number, parse_int=integer,
@@ -862,14 +856,22 @@ def _safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, 8 + n
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    # a name given twice would be read one way here and maybe another way by the safetensors library
-    seen = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise InputError(f"model: the safetensors header names {key!r} twice; save it with safetensors.torch.save_file")
-        seen.add(key)
-    return dict(pairs)
+def _once_each(message: Callable[[str], str]) -> Callable[[list[tuple[str, object]]], dict]:
+    """A json.loads object_pairs_hook refusing a key given twice: read one way here, it could be read another way
+    by the next parser (the safetensors library, pydantic)."""
+    def pairs_to_dict(pairs: list[tuple[str, object]]) -> dict:
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InputError(message(key))
+            seen.add(key)
+        return dict(pairs)
+
+    return pairs_to_dict
+
+
+_unique_keys = _once_each(
+    lambda key: f"model: the safetensors header names {key!r} twice; save it with safetensors.torch.save_file")
 
 
 # ---- .pt2 (torch.export): every member accounted for, pickles and graph scanned, nothing executed
