@@ -981,8 +981,7 @@ def _scan_strings(document: object, name: str) -> None:
 def _scan_string(value: str, key: str, name: str) -> None:
     if key == "target" or key == "as_operator":
         if not graphnet.allowed(value):
-            raise InputError(f"model: the exported graph calls {value[:100]!r}, which is not an allowed PyTorch operator; "
-                             "export a network built from standard tensor operations (no control-flow operators)")
+            raise graphnet.not_allowed(value)
     elif key == "expr_str":
         if not _plain_size_expression(value):
             raise InputError(f"model: the exported graph holds the size expression {value[:100]!r}, which is not plain "

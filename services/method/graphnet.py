@@ -62,16 +62,23 @@ _MEMORY_FORMATS = {str(m).removeprefix("torch."): m for m in (
 _MAX_NODES = 100_000
 
 
+_ATEN_NAME = re.compile(r"aten\.(\w+)\.([A-Za-z][A-Za-z0-9_]{0,40})")  # aten.<packet>.<overload>
+
+
 def allowed(name: str) -> bool:
     """Whether an archive's call target (`torch.ops.aten.conv2d.default`, `_operator.mul`) is on the allow-list."""
-    if name in PYTHON_OPS:
-        return True
-    m = re.fullmatch(r"(?:torch\.ops\.)?aten\.(\w+)\.([A-Za-z][A-Za-z0-9_]{0,40})", name)
-    return m is not None and m[1] in ATEN
+    m = _ATEN_NAME.fullmatch(name.removeprefix("torch.ops."))
+    return name in PYTHON_OPS or (m is not None and m[1] in ATEN)
+
+
+def not_allowed(name: str) -> InputError:
+    """The refusal of a call target that is not on the allow-list (the scan's, the sandbox's and the worker's)."""
+    return InputError(f"model: the network calls {name[:100]!r}, which is not an allowed PyTorch operator; export a "
+                      "network built from standard tensor operations (no control flow, files or storages)")
 
 
 def target_name(target: object) -> str | None:
-    """The allow-list name of a graph node's call target (`aten.conv2d.default`, `operator.mul`), or None."""
+    """The allow-list name of a graph node's call target (`aten.conv2d.default`, `_operator.mul`), or None."""
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
         packet = target._overloadpacket.__name__
         return f"aten.{packet}.{target._overloadname}" if packet in ATEN else None
@@ -82,14 +89,11 @@ def resolve(name: str) -> Callable:
     """The operator an allow-list name stands for; refuses every other name."""
     if name in PYTHON_OPS:
         return PYTHON_OPS[name]
-    ns, _, rest = name.partition(".")
-    packet, _, overload = rest.partition(".")
-    if ns == "aten" and packet in ATEN and re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,40}", overload):
-        ops = getattr(torch.ops.aten, packet)
-        if overload in ops.overloads():
-            return getattr(ops, overload)
-    raise InputError(f"model: the network calls {name[:100]!r}, which is not an allowed PyTorch operator; export a "
-                     "network built from standard tensor operations (convolutions, linear layers, activations, pooling)")
+    m = _ATEN_NAME.fullmatch(name)
+    ops = getattr(torch.ops.aten, m[1], None) if m is not None and m[1] in ATEN else None  # None: not in this torch
+    if ops is not None and m[2] in ops.overloads():
+        return getattr(ops, m[2])
+    raise not_allowed(name)
 
 
 # ---- encoding (inside the sandbox): an ExportedProgram's graph → JSON-able nodes and named tensors
@@ -142,8 +146,7 @@ def encode(program: torch.export.ExportedProgram) -> tuple[dict, dict[str, Tenso
         elif node.op == "call_function":
             name = target_name(node.target)
             if name is None:
-                raise InputError(f"model: the network calls {str(node.target)[:100]!r}, which is not an allowed PyTorch "
-                                 "operator; export a network built from standard tensor operations")
+                raise not_allowed(str(node.target))
             nodes.append({"op": "call", "target": name, "args": arg(node.args), "kwargs": {k: arg(v) for k, v in node.kwargs.items()}})
         elif node.op == "output":
             outs = [node.args[0][i] for i in user_out]
