@@ -73,11 +73,23 @@ class Settings(BaseSettings):
 
     # workers
     queue: str = "ladder"
-    visibility_timeout_s: int = 6 * 3600  # longer than the longest stage, or Redis redelivers a running task
+    # Redis hands an unacknowledged task out again after this. Heartbeats, not this timeout, decide who runs a stage: a
+    # copy delivered while its stage still runs finds a live holder and is dropped (BUSY), so it need not outlast the
+    # longest stage; it bounds how long a killed worker's message lingers (docs/deployment.md, "Faults").
+    visibility_timeout_s: int = 3600
     heartbeat_s: float = 10.0
     stale_after_s: float = 60.0  # a running job whose heartbeat is older is taken over
     requeue_after_s: float = 900.0  # a queued job no worker took within this is enqueued again
-    reconcile_every_s: float = 30.0
+    reconcile_every_s: float = 5.0
+    enqueue_retry_after_s: float = Field(10.0, gt=0, description="a stage whose message could not be sent is sent again by the "
+                                         "reconciler after this")
+    infra_retry_s: float = Field(300.0, ge=0, description="how long a worker retries the database, broker or artifact store "
+                                 "before it hands the stage back (database, broker) or fails the job, keeping its stages (store)")
+    store_min_free_bytes: int = Field(1024 * MB, ge=0, description="a file:// store keeps this much free: a write that would "
+                                      "leave less is refused as storage_full, and /readyz answers 503 below it")
+    retry_after_s: int = Field(10, ge=1, description="the Retry-After of a 503 or 507 answer (database, broker or store trouble)")
+    sweep_grace_s: float = Field(3600.0, gt=0, description="the reconciler removes stored files no job owns, and temp folders "
+                                 "of dead processes, once they are this old")
     max_attempts: int = 3  # per stage; a stage that loses its worker this often fails the job
     progress_every_s: float = 1.0
     api_key_cache_s: float = 30.0  # a revoked key may still work this long on a running API

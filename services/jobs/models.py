@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid, false, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from services.db import Base, JSONType, UTCDateTime, utcnow
@@ -22,6 +22,7 @@ class Job(Base):
         UniqueConstraint("tenant_id", "idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_enqueue_pending", "enqueue_pending", postgresql_where=text("enqueue_pending"), sqlite_where=text("enqueue_pending")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -45,6 +46,9 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     attempt: Mapped[int] = mapped_column(Integer, default=0)  # attempts at the current stage
+    # set with the transition that enqueues a stage, cleared once its message is sent: the reconciler sends it again
+    # within seconds when the broker was down (instead of waiting out the requeue window)
+    enqueue_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     error_code: Mapped[str | None] = mapped_column(String(40))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -71,7 +75,8 @@ class JobStage(Base):
     computed: Mapped[int] = mapped_column(Integer, default=0)  # times its work ran to the end (1 unless a bug)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    seconds: Mapped[float | None] = mapped_column(Float)
+    seconds: Mapped[float | None] = mapped_column(Float)  # the work's time, kept with the stage's output
+    reused_seconds: Mapped[float | None] = mapped_column(Float)  # a later attempt that found the output stored: its time
 
     job: Mapped[Job] = relationship(back_populates="stages")
 
