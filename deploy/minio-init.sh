@@ -3,13 +3,28 @@
 # service's own MinIO user, whose policy allows only that bucket's objects. The root credentials
 # stay here and in minio. Safe to run again: the bucket is kept; the user's secret and policy are
 # set again from the files. Reads /run/secrets/{minio_root_user,minio_root_password,
-# s3_access_key_id,s3_secret_access_key}; LADDER_BUCKET names the bucket (default "ladder").
+# s3_access_key_id,s3_secret_access_key} (MINIO_INIT_SECRETS names another folder, for tests).
+# The bucket is the one in LADDER_ARTIFACTS_URL (s3://BUCKET/PREFIX), the same value the API and
+# workers get, so that there is one name to change.
 set -eu
-bucket="${LADDER_BUCKET:-ladder}"
+url="${LADDER_ARTIFACTS_URL:?minio-init: set LADDER_ARTIFACTS_URL (s3://BUCKET/PREFIX), as for the api and worker}"
+case $url in
+    s3://*) ;;
+    *) echo "minio-init: LADDER_ARTIFACTS_URL is $url, not s3://BUCKET/PREFIX; with another store, remove minio and minio-init from docker-compose.yml" >&2; exit 1 ;;
+esac
+bucket=${url#s3://}
+bucket=${bucket%%/*}
+# S3's rule for bucket names; it also keeps the name safe inside the policy's JSON below
+case $bucket in
+    *[!abcdefghijklmnopqrstuvwxyz0123456789.-]* | [.-]* | *[.-] | '') bad=1 ;;   # no ranges: locale-proof
+    *) bad= ; [ ${#bucket} -ge 3 ] && [ ${#bucket} -le 63 ] || bad=1 ;;
+esac
+[ -z "$bad" ] || { echo "minio-init: bucket name \"$bucket\" (from LADDER_ARTIFACTS_URL) is not a valid S3 bucket name: 3 to 63 lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit" >&2; exit 1; }
+secrets=${MINIO_INIT_SECRETS:-/run/secrets}
 
-secret() {   # the content of /run/secrets/$1 (shell built-ins only: the mc image is minimal)
+secret() {   # the content of $secrets/$1 (shell built-ins only: the mc image is minimal)
     v=
-    IFS= read -r v < "/run/secrets/$1" || [ -n "$v" ] || { echo "minio-init: /run/secrets/$1 is missing or empty" >&2; exit 1; }
+    IFS= read -r v < "$secrets/$1" || [ -n "$v" ] || { echo "minio-init: $secrets/$1 is missing or empty" >&2; exit 1; }
     printf '%s' "$v"
 }
 
