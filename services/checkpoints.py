@@ -67,11 +67,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save(value: Any, path: Path) -> None:
-    """Write `value` to `path` (safetensors) atomically."""
+def save(value: Any, path: Path, seconds: float | None = None) -> None:
+    """Write `value` to `path` (safetensors) atomically, with the seconds its work took if given."""
     tensors: dict[str, Tensor] = {}
-    meta = json.dumps(_encode(value, tensors))
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"ladder": meta}))
+    meta = {"ladder": json.dumps(_encode(value, tensors))}
+    if seconds is not None:
+        meta["ladder.seconds"] = repr(float(seconds))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def work_seconds(path: Path) -> float | None:
+    """The seconds recorded by `save`, if any."""
+    with safe_open(str(path), framework="pt") as f:
+        value = (f.metadata() or {}).get("ladder.seconds")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def load(path: Path) -> Any:

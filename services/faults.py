@@ -14,8 +14,8 @@ STORAGE_FULL = "storage_full"
 STORAGE_UNAVAILABLE = "storage_unavailable"
 CODES = (DATABASE, BROKER, STORAGE_FULL, STORAGE_UNAVAILABLE)
 STORAGE = (STORAGE_FULL, STORAGE_UNAVAILABLE)
-WHAT = {DATABASE: "the database", BROKER: "the broker", STORAGE_FULL: "the artifact store (or a worker's scratch disk) is full",
-        STORAGE_UNAVAILABLE: "the artifact store"}
+WHAT = {DATABASE: "the database is unreachable", BROKER: "the broker is unreachable",
+        STORAGE_FULL: "the artifact store or the scratch disk is full", STORAGE_UNAVAILABLE: "the artifact store is unreachable"}
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _STORE_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.ESTALE}  # a network file system that went away
@@ -120,7 +120,7 @@ def retry(fn: Callable[[], T], what: str, budget_s: float, *, first_s: float = 0
                 first = e
                 log.warning("%s: %s (%s); retrying for up to %g s", what, WHAT[code], describe(e), budget_s)
             if waited + delay > budget_s:
-                raise Unavailable(code, f"{what}: {WHAT[code]} failed for {waited:.0f} s ({describe(e)})") from e
+                raise Unavailable(code, f"{what}: {WHAT[code]}, for {waited:.0f} s ({describe(e)})") from e
             sleep(delay)
             delay = min(cap_s, delay * 2)
             continue

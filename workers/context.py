@@ -34,4 +34,5 @@ def celery_context() -> Context:
     """The context of a Celery worker process (its dispatcher sends the next stage through Celery)."""
     from workers.celery_app import CeleryDispatcher, app
 
-    return build(get_settings(), CeleryDispatcher(app))
+    settings = get_settings()
+    return build(settings, CeleryDispatcher(app, patience_s=settings.infra_retry_s))

@@ -4,8 +4,10 @@ through the same `run_stage` as Celery workers. For a first run and demos (one j
 import logging
 import queue
 import threading
+import time
 import uuid
 
+from services import faults
 from workers.context import Context
 from workers.runner import run_stage
 
@@ -33,5 +35,9 @@ class EmbeddedWorker(threading.Thread):
         while (item := self.queue.get()) is not None:
             try:
                 run_stage(self.ctx, *item)
+            except faults.Unavailable as e:  # the database stayed away: the stage waits its turn again
+                log.warning("embedded worker: %s of job %s handed back: %s", item[1], item[0], e)
+                time.sleep(self.ctx.settings.reconcile_every_s)
+                self.queue.put(item)
             except Exception:
                 log.exception("embedded worker: %s of job %s", item[1], item[0])

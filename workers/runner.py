@@ -1,6 +1,11 @@
 """Run one stage of one job: claim it, load the job's inputs and earlier stages from the artifact
 store, run the method's stage, store its output, record the transition. Celery tasks and the
 embedded worker both call `run_stage`, so both follow the same path.
+
+Infrastructure errors (services/faults.py) never fail a job as internal_error: database writes and
+store operations are retried with backoff for LADDER_INFRA_RETRY_S; then a store error fails the job
+as storage_full / storage_unavailable keeping its finished stages (`ladder jobs resume`), and a
+database or broker error raises faults.Unavailable, which hands the stage back to the queue.
 """
 
 import logging
@@ -9,11 +14,13 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from safetensors.torch import save_file
+from sqlalchemy.orm import Session
 
-from services import checkpoints
+from services import checkpoints, faults
 from services.artifacts import ArtifactStore, file_digest
 from services.errors import InputError
 from services.jobs import repository, service
@@ -26,6 +33,7 @@ from services.uploads import load_data, load_model
 from workers.context import Context
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Stopped(Exception):
@@ -46,15 +54,41 @@ def fetch_checked(store: ArtifactStore, key: str, path: Path, expected: str | No
     return sha, size
 
 
+class RetryingStore:
+    """The artifact store with each operation retried on infrastructure errors (faults.retry) for `budget_s`."""
+
+    def __init__(self, store: ArtifactStore, budget_s: float, what: str):
+        self.store, self.budget_s, self.what = store, budget_s, what
+
+    def put(self, key: str, src: Path) -> tuple[str, int]:
+        return faults.retry(lambda: self.store.put(key, src), f"{self.what}: storing {key}", self.budget_s)
+
+    def fetch(self, key: str, dst: Path) -> None:
+        return faults.retry(lambda: self.store.fetch(key, dst), f"{self.what}: fetching {key}", self.budget_s)
+
+    def exists(self, key: str) -> bool:
+        return faults.retry(lambda: self.store.exists(key), f"{self.what}: looking up {key}", self.budget_s)
+
+    def stream(self, key: str):
+        return self.store.stream(key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        return faults.retry(lambda: self.store.delete_prefix(prefix), f"{self.what}: deleting {prefix}", self.budget_s)
+
+
 class ArtifactStages:
     """A StageStore over the artifact store. Earlier stages must exist (and match their recorded
-    SHA-256); the current stage's output may exist already if a worker died after writing it."""
+    SHA-256); the current stage's output may exist already if a worker died after writing it.
+    Each output carries the seconds its work took (since this store was made) in its metadata, so
+    an attempt that finds it stored can record the real time, not its own."""
 
     def __init__(self, store: ArtifactStore, job_id: uuid.UUID, inputs_digest: str, stage: str,
                  recorded: dict[str, str], tmp: Path):
         self.store, self.job_id, self.digest, self.stage, self.recorded, self.tmp = store, job_id, inputs_digest, stage, recorded, tmp
         self.saved: dict[str, tuple[str, str, int]] = {}
         self.found_current = False
+        self.work_seconds: float | None = None  # of the current stage: measured here, or read from a stored output
+        self.started = time.perf_counter()
 
     def load(self, stage: str) -> Any | None:
         """The stored output of `stage`, or None for the current stage when it is not there yet."""
@@ -70,6 +104,7 @@ class ArtifactStages:
         if stage == self.stage:
             self.found_current = True
             self.saved[stage] = (key, sha, size)
+            self.work_seconds = checkpoints.work_seconds(path)
         return checkpoints.load(path)
 
     def save(self, stage: str, value: Any) -> None:
@@ -80,8 +115,10 @@ class ArtifactStages:
         key = stage_key(self.job_id, self.digest, stage)
         if self.store.exists(key):  # a worker that took this stage over wrote it first: its copy stands
             self.saved[stage] = (key, *fetch_checked(self.store, key, path, None, f"the output of stage {stage}"))
+            self.work_seconds = checkpoints.work_seconds(path)
         else:
-            checkpoints.save(value, path)
+            self.work_seconds = time.perf_counter() - self.started
+            checkpoints.save(value, path, seconds=self.work_seconds)
             self.saved[stage] = (key, *self.store.put(key, path))
 
 
@@ -98,8 +135,14 @@ class Reporter:
         if stage != self.stage or (now - self.last < self.ctx.settings.progress_every_s and fraction < 1.0):
             return
         self.last = now
-        with self.ctx.db.session() as s:
-            stop = service.record_progress(s, self.job_id, self.stage, self.ctx.worker_id, min(fraction, 1.0), metrics)
+        try:
+            with self.ctx.db.session() as s:
+                stop = service.record_progress(s, self.job_id, self.stage, self.ctx.worker_id, min(fraction, 1.0), metrics)
+        except Exception as e:  # the database's trouble must not stop the work: the next batch writes progress again
+            if faults.classify(e) is None:
+                raise
+            log.warning("job %s: progress not written (%s)", self.job_id, faults.describe(e))
+            return
         if stop:
             raise Stopped()
 
@@ -113,15 +156,22 @@ class Heartbeat(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        while not self.done.wait(self.ctx.settings.heartbeat_s):
+        every = self.ctx.settings.heartbeat_s
+        wait = every
+        while not self.done.wait(wait):
             try:
                 with self.ctx.db.session() as s:
                     service.heartbeat(s, self.job_id, self.stage, self.ctx.worker_id)
-            except Exception:  # a missed beat is not fatal; the next may get through
-                log.exception("heartbeat of job %s failed", self.job_id)
+                wait = every
+            except Exception as e:  # a missed beat is not fatal: the next comes sooner, so the stage is not taken as stale
+                wait = min(every, 1.0)
+                if faults.classify(e) is None:
+                    log.exception("heartbeat of job %s failed", self.job_id)
+                else:
+                    log.warning("heartbeat of job %s failed (%s)", self.job_id, faults.describe(e))
 
 
-def _inputs(ctx: Context, job: Any, arts: dict[str, Any], tmp: Path) -> tuple[Any, ModelSpec, Any, Any, LadderConfig]:
+def _inputs(ctx: Context, store: ArtifactStore, job: Any, arts: dict[str, Any], tmp: Path) -> tuple[Any, ModelSpec, Any, Any, LadderConfig]:
     spec = ModelSpec.model_validate(job.spec)
     config = LadderConfig.model_validate(job.config)
     loaded = {}
@@ -129,7 +179,7 @@ def _inputs(ctx: Context, job: Any, arts: dict[str, Any], tmp: Path) -> tuple[An
         art = arts.get(f"input.{part}")
         if art is not None:
             loaded[part] = tmp / Path(art.key).name
-            fetch_checked(ctx.store, art.key, loaded[part], art.sha256, f"the uploaded {part}")
+            fetch_checked(store, art.key, loaded[part], art.sha256, f"the uploaded {part}")
     fmt = job.inputs
     model = load_model(loaded["model"], fmt["model"]["format"], spec)
     train = load_data(loaded["train_data"], fmt["train_data"]["format"], spec, "train_data")
@@ -138,8 +188,10 @@ def _inputs(ctx: Context, job: Any, arts: dict[str, Any], tmp: Path) -> tuple[An
     return model, spec, train, test, config
 
 
-def _results(ctx: Context, job: Any, run: Run, tmp: Path, stage_seconds: dict[str, float]) -> tuple[dict, dict]:
-    """The report and the stored results: hardened (LADDER) weights, the other models, the report's page."""
+def _results(ctx: Context, store: ArtifactStore, job: Any, run: Run, tmp: Path,
+             done: dict[str, tuple[float | None, float | None]]) -> tuple[dict, dict]:
+    """The report and the stored results: hardened (LADDER) weights, the other models, the report's page.
+    `done`: (work seconds, reuse seconds) of each finished stage."""
     artifacts = {}
     for name, model in run.models().items():
         if name == "vanilla":
@@ -147,62 +199,92 @@ def _results(ctx: Context, job: Any, run: Run, tmp: Path, stage_seconds: dict[st
         path = tmp / f"{name}.safetensors"
         save_file(net_weights(model), str(path), metadata={"ladder.model": name, "ladder.job": str(job.id)})
         key = f"jobs/{job.id}/results/{name}.safetensors"
-        artifacts["model" if name == "ladder" else f"model.{name}"] = (key, *ctx.store.put(key, path))
-    report = run.report(stage_seconds)
+        artifacts["model" if name == "ladder" else f"model.{name}"] = (key, *store.put(key, path))
+    report = run.report({k: work for k, (work, _) in done.items()}, {k: re for k, (_, re) in done.items() if re is not None})
     html = run.html(report)
     if html is not None:  # a page that failed to render is logged; the job keeps its weights and report
         page = tmp / "report.html"
         page.write_text(html, encoding="utf-8")
         key = f"jobs/{job.id}/results/report.html"
-        artifacts["report.html"] = (key, *ctx.store.put(key, page))
+        artifacts["report.html"] = (key, *store.put(key, page))
     return report, artifacts
 
 
+def _transact(ctx: Context, what: str, fn: Callable[[Session], T]) -> T:
+    """`fn` in one transaction, the whole transaction retried on database errors (faults.retry): each
+    caller's `fn` can run twice (a commit whose answer was lost), and service.py's steps allow it."""
+    def once() -> T:
+        with ctx.db.session() as s:
+            return fn(s)
+
+    return faults.retry(once, what, ctx.settings.infra_retry_s, cap_s=5.0)
+
+
 def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
-    """Claim and run one stage of a job; what the claim decided."""
-    me = ctx.worker_id
-    with ctx.db.session() as s:
+    """Claim and run one stage of a job; what the claim decided. faults.Unavailable (the database or
+    the broker stayed away) means: hand the stage back to the queue."""
+    me, budget = ctx.worker_id, ctx.settings.infra_retry_s
+    what = f"job {job_id}: {stage}"
+
+    def take(s: Session) -> tuple[Claim, Any, dict, dict]:
         outcome = service.claim(s, job_id, stage, me, ctx.settings.stale_after_s, ctx.settings.max_attempts, ctx.store)
         if outcome is not Claim.RUN:
-            return outcome
+            return outcome, None, {}, {}
         job = repository.get(s, job_id)
-        arts = {a.name: a for a in repository.artifacts(s, job_id)}
-        done = {r.stage: r.seconds for r in job.stages if r.seconds is not None}
+        done = {r.stage: (r.seconds, r.reused_seconds) for r in job.stages if r.status == "done"}
+        return outcome, job, {a.name: a for a in repository.artifacts(s, job_id)}, done
+
+    outcome, job, arts, done = _transact(ctx, f"{what}: claim", take)
+    if outcome is not Claim.RUN:
+        return outcome
     log.info("job %s: %s (attempt %d)", job_id, stage, job.attempt)
+    store = RetryingStore(ctx.store, budget, what)
     beat = Heartbeat(ctx, job_id, stage)
     beat.start()
     started = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="ladder-") as tmp_dir:
             tmp = Path(tmp_dir)
-            model, spec, train, test, config = _inputs(ctx, job, arts, tmp)
+            model, spec, train, test, config = _inputs(ctx, store, job, arts, tmp)
             reporter = Reporter(ctx, job_id, stage)
-            stages = ArtifactStages(ctx.store, job_id, job.inputs_digest, stage, {k: a.sha256 for k, a in arts.items()}, tmp)
+            stages = ArtifactStages(store, job_id, job.inputs_digest, stage, {k: a.sha256 for k, a in arts.items()}, tmp)
             run = Run(model, spec, train, test, config, stages, reporter)
             report, computed = None, True
             if stage == "report":
-                report, artifacts = _results(ctx, job, run, tmp, done)
+                report, artifacts = _results(ctx, store, job, run, tmp, done)
             else:
                 run.output(stage)
                 computed = not stages.found_current
                 artifacts = {f"stage.{stage}": stages.saved[stage]}
-        seconds = time.perf_counter() - started
-        with ctx.db.session() as s:
-            service.complete_stage(s, job_id, stage, me, seconds, computed, artifacts, ctx.dispatcher, ctx.store, report)
+        elapsed = time.perf_counter() - started
+        seconds = elapsed if stage == "report" or computed else stages.work_seconds
+        reused = None if computed else elapsed
+        _transact(ctx, f"{what}: recording its end", lambda s: service.complete_stage(
+            s, job_id, stage, me, seconds, computed, artifacts, ctx.dispatcher, ctx.store, report, reused))
     except Stopped:
-        with ctx.db.session() as s:
+        def stopped(s: Session) -> None:
             job = repository.get(s, job_id)
             if job is not None and job.cancel_requested:
                 service.stop(s, job_id, stage, me, "canceled", ctx.store)
+
+        _transact(ctx, f"{what}: stopping", stopped)
         log.info("job %s: %s stopped", job_id, stage)
     except InputError as e:
-        with ctx.db.session() as s:
-            service.stop(s, job_id, stage, me, "failed", ctx.store, "invalid_input", str(e))
+        _transact(ctx, f"{what}: failing it", lambda s: service.stop(s, job_id, stage, me, "failed", ctx.store, "invalid_input", str(e)))
     except Exception as e:
-        log.exception("job %s: stage %s failed", job_id, stage)
-        with ctx.db.session() as s:
-            service.stop(s, job_id, stage, me, "failed", ctx.store, "internal_error",
-                         f"stage {stage} failed ({type(e).__name__}); the operators have the traceback in the worker log")
+        code = faults.classify(e)
+        if code in (faults.DATABASE, faults.BROKER):
+            raise faults.Unavailable(code, str(e)) from e  # the stage goes back to the queue; its stored work stays
+        if code is None:
+            log.exception("job %s: stage %s failed", job_id, stage)
+            code, message = "internal_error", (f"stage {stage} failed ({type(e).__name__}); "
+                                               "the operators have the traceback in the worker log")
+        else:  # the store: the job fails, its finished stages stay for `ladder jobs resume` once the store is back
+            log.error("job %s: stage %s failed: %s", job_id, stage, e)
+            message = (f"stage {stage} stopped: {faults.WHAT[code]} ({faults.describe(e.__cause__ or e)}); the stages "
+                       f"finished before it are kept, and once the store is fixed an operator resumes the job with "
+                       f"`ladder jobs resume {job_id}`")
+        _transact(ctx, f"{what}: failing it", lambda s: service.stop(s, job_id, stage, me, "failed", ctx.store, code, message))
     finally:
         beat.done.set()
     return Claim.RUN

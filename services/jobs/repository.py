@@ -93,10 +93,12 @@ def drop_artifacts(session: Session, job_id: uuid.UUID, prefix: str = "") -> Non
     session.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name.startswith(prefix)))
 
 
-def stuck(session: Session, held_before: datetime, queued_before: datetime) -> list[Job]:
-    """Active jobs whose worker's heartbeat stopped, or that no worker took since they were enqueued."""
-    return list(session.scalars(select(Job).where(
-        Job.status.in_(ACTIVE),
-        or_(and_(Job.worker.is_not(None), Job.heartbeat_at < held_before),
-            and_(Job.worker.is_(None), Job.enqueued_at < queued_before)),
-    ).with_for_update(skip_locked=True)))
+def stuck(session: Session, held_before: datetime | None, queued_before: datetime, pending_before: datetime) -> list[Job]:
+    """Active jobs whose worker's heartbeat stopped before `held_before` (None: none is taken over), that no worker
+    took since they were enqueued, or whose message was not sent (enqueue_pending: no time, or older than `pending_before`)."""
+    free = Job.worker.is_(None)
+    waiting = [and_(free, Job.enqueued_at < queued_before),
+               and_(free, Job.enqueue_pending, or_(Job.enqueued_at.is_(None), Job.enqueued_at < pending_before))]
+    if held_before is not None:
+        waiting.append(and_(Job.worker.is_not(None), Job.heartbeat_at < held_before))
+    return list(session.scalars(select(Job).where(Job.status.in_(ACTIVE), or_(*waiting)).with_for_update(skip_locked=True)))

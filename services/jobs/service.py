@@ -14,9 +14,11 @@ from datetime import timedelta
 from enum import Enum
 from typing import Any, Protocol
 
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from services import faults
 from services.artifacts import ArtifactStore
 from services.db import after_commit, utcnow
 from services.errors import InputError
@@ -48,6 +50,9 @@ class Claim(Enum):
     RUN = "run"  # it holds the stage now
     SKIP = "skip"  # done already, or the job ended: drop the message
     BUSY = "busy"  # another live worker holds it: try again after its heartbeat could go stale
+
+
+RESUMABLE = faults.CODES  # a job failed by the infrastructure keeps its stages: `ladder jobs resume` goes on from them
 
 
 class Conflict(Exception):
@@ -124,7 +129,7 @@ def create(session: Session, new: NewJob, dispatcher: Dispatcher, max_active: in
     job_id = new.id
     job = Job(id=job_id, tenant_id=new.tenant_id, idempotency_key=new.idempotency_key, request_digest=new.request_digest,
               inputs_digest=new.inputs_digest, spec=new.spec, config=new.config, inputs=new.inputs,
-              status="queued", stage=STAGES[0], enqueued_at=utcnow(), metrics={},
+              status="queued", stage=STAGES[0], enqueued_at=utcnow(), enqueue_pending=True, metrics={},
               stages=[JobStage(stage=s, position=i) for i, s in enumerate(STAGES)])
     try:
         with session.begin_nested():
@@ -137,8 +142,35 @@ def create(session: Session, new: NewJob, dispatcher: Dispatcher, max_active: in
         return replay(earlier, new.request_digest), False
     for name, (key, sha, size) in new.artifacts.items():
         repository.put_artifact(session, job_id, name, key, sha, size)
-    after_commit(session, lambda: dispatcher.enqueue(job_id, STAGES[0]))
+    send_after_commit(session, dispatcher, [(job_id, STAGES[0])])
     return job, True
+
+
+def send_after_commit(session: Session, dispatcher: Dispatcher, stages: list[tuple[uuid.UUID, str]]) -> None:
+    """Once the session commits, send each (job, stage) and clear its enqueue_pending mark (set by the caller in the
+    same transaction). A send that fails for the broker leaves the mark, and the reconciler sends it again within
+    LADDER_ENQUEUE_RETRY_AFTER_S; a duplicate message is harmless (the claim drops it)."""
+    engine = session.get_bind()
+
+    def send() -> None:
+        for job_id, stage in stages:
+            try:
+                dispatcher.enqueue(job_id, stage)
+            except Exception as e:
+                if faults.classify(e) is None:
+                    raise
+                log.warning("job %s: %s not sent (%s); the reconciler sends it again", job_id, stage, faults.describe(e))
+                continue
+            try:
+                with engine.begin() as conn:
+                    conn.execute(update(Job).where(Job.id == job_id, Job.stage == stage, Job.enqueue_pending)
+                                 .values(enqueue_pending=False))
+            except Exception as e:  # the mark stays: the reconciler sends a duplicate, which the claim drops
+                if faults.classify(e) is None:
+                    raise
+                log.warning("job %s: %s sent, its mark not cleared (%s)", job_id, stage, faults.describe(e))
+
+    after_commit(session, send)
 
 
 def replay(earlier: Job, request_digest: str) -> Job:
@@ -175,6 +207,9 @@ def claim(session: Session, job_id: uuid.UUID, stage: str, worker: str, stale_af
         _end(session, job, "canceled", store)
         return Claim.SKIP
     row = repository.stage_row(job, stage)
+    if job.worker == worker and job.status == "running":  # this claim again: its first commit landed, its answer was lost
+        job.heartbeat_at = now
+        return Claim.RUN
     if job.attempt >= max_attempts:
         fail(session, job, "worker_lost",
              f"stage {stage} lost its worker {job.attempt} times (out of memory or killed?); "
@@ -184,7 +219,7 @@ def claim(session: Session, job_id: uuid.UUID, stage: str, worker: str, stale_af
     row.attempts += 1
     row.status = "running"
     row.started_at = row.started_at or now
-    job.status, job.worker, job.heartbeat_at = "running", worker, now
+    job.status, job.worker, job.heartbeat_at, job.enqueue_pending = "running", worker, now, False
     job.started_at = job.started_at or now
     job.stage_fraction = 0.0
     return Claim.RUN
@@ -218,13 +253,15 @@ def heartbeat(session: Session, job_id: uuid.UUID, stage: str, worker: str) -> N
         job.heartbeat_at = utcnow()
 
 
-def complete_stage(session: Session, job_id: uuid.UUID, stage: str, worker: str, seconds: float, computed: bool,
+def complete_stage(session: Session, job_id: uuid.UUID, stage: str, worker: str, seconds: float | None, computed: bool,
                    artifacts: dict[str, tuple[str, str, int]], dispatcher: Dispatcher, store: ArtifactStore,
-                   report: dict[str, Any] | None = None) -> bool:
+                   report: dict[str, Any] | None = None, reused_seconds: float | None = None) -> bool:
     """Record the stage's artifacts and its end, then move on (the next stage is enqueued after
     commit) or finish the job; a job whose cancel was acknowledged meanwhile ends canceled instead
     (under the job's lock, as request_cancel takes it: a cancel either lands before this commit and
-    wins, or after it and finds the job finished). False when the worker no longer held the stage."""
+    wins, or after it and finds the job finished). False when the worker no longer held the stage.
+    `seconds` is the work's time (kept with a stored output); `reused_seconds` the time of an attempt
+    that found the output stored already (None when it computed it)."""
     job = repository.get(session, job_id, lock=True)
     if not holds(job, stage, worker):
         return False
@@ -235,7 +272,7 @@ def complete_stage(session: Session, job_id: uuid.UUID, stage: str, worker: str,
         repository.put_artifact(session, job_id, name, key, sha, size)
     now = utcnow()
     row = repository.stage_row(job, stage)
-    row.status, row.finished_at, row.seconds = "done", now, seconds
+    row.status, row.finished_at, row.seconds, row.reused_seconds = "done", now, seconds, reused_seconds
     row.computed += int(computed)
     job.worker, job.heartbeat_at, job.attempt = None, None, 0
     if stage == STAGES[-1]:
@@ -246,16 +283,17 @@ def complete_stage(session: Session, job_id: uuid.UUID, stage: str, worker: str,
         after_commit(session, lambda: store.delete_prefix(stages))  # intermediate outputs: only needed to resume
         return True
     job.stage = STAGES[STAGES.index(stage) + 1]
-    job.stage_fraction, job.enqueued_at = 0.0, now
+    job.stage_fraction, job.enqueued_at, job.enqueue_pending = 0.0, now, True
     job.fraction = _done_before(job.stage)
-    after_commit(session, lambda: dispatcher.enqueue(job_id, job.stage))
+    send_after_commit(session, dispatcher, [(job_id, job.stage)])
     return True
 
 
 def fail(session: Session, job: Job, code: str, message: str, store: ArtifactStore) -> None:
-    """End the job as failed with a code and a message for the user."""
+    """End the job as failed with a code and a message for the user; a job failed by the infrastructure
+    (RESUMABLE) keeps its inputs and finished stages for `ladder jobs resume`."""
     job.error_code, job.error_message = code, message
-    _end(session, job, "failed", store)
+    _end(session, job, "failed", store, keep=code in RESUMABLE)
 
 
 def stop(session: Session, job_id: uuid.UUID, stage: str, worker: str, status: str, store: ArtifactStore,
@@ -270,22 +308,44 @@ def stop(session: Session, job_id: uuid.UUID, stage: str, worker: str, status: s
         _end(session, job, "canceled", store)
 
 
-def _end(session: Session, job: Job, status: str, store: ArtifactStore) -> None:
-    """A terminal state: the job's artifacts go (after commit), the row and its error stay."""
+def resume(session: Session, job_id: uuid.UUID) -> Job:
+    """Queue a job that the infrastructure failed again at the stage it stopped in; the reconciler sends it
+    within seconds. Its finished stages are reused (their outputs were kept)."""
+    job = repository.get(session, job_id, lock=True)
+    if job is None:
+        raise InputError(f"no job {job_id}", 404)
+    if job.status != "failed" or job.error_code not in RESUMABLE:
+        why = f"it {job.status}" if job.status != "failed" else f"it failed with {job.error_code}, which deleted its stages"
+        raise Conflict(f"job {job_id} cannot be resumed: {why}; only jobs failed by the infrastructure "
+                       f"({', '.join(RESUMABLE)}) keep their stages")
+    job.status, job.error_code, job.error_message, job.finished_at = "queued", None, None, None
+    job.worker, job.heartbeat_at, job.attempt, job.cancel_requested = None, None, 0, False
+    job.enqueue_pending, job.enqueued_at = True, None  # no time: the reconciler's next pass sends it
+    return job
+
+
+def _end(session: Session, job: Job, status: str, store: ArtifactStore, keep: bool = False) -> None:
+    """A terminal state: the job's artifacts go (after commit) unless `keep`, the row and its error stay."""
     job.status, job.finished_at, job.worker, job.heartbeat_at, job.eta_seconds = status, utcnow(), None, None, None
+    job.enqueue_pending = False
+    if keep:
+        return
     repository.drop_artifacts(session, job.id)
     prefix = f"jobs/{job.id}"
     after_commit(session, lambda: store.delete_prefix(prefix))
 
 
-def reconcile(session: Session, stale_after_s: float, requeue_after_s: float, dispatcher: Dispatcher) -> list[tuple[uuid.UUID, str]]:
-    """Enqueue again the jobs whose worker died or whose message the broker lost; what was enqueued."""
+def reconcile(session: Session, stale_after_s: float | None, requeue_after_s: float, dispatcher: Dispatcher,
+              pending_after_s: float = 0.0) -> list[tuple[uuid.UUID, str]]:
+    """Enqueue again the jobs whose worker died (stale_after_s; None: take no stage over), whose message the broker
+    lost (requeue_after_s), or whose message was never sent (enqueue_pending, after pending_after_s); what was sent."""
     now = utcnow()
-    found = repository.stuck(session, now - timedelta(seconds=stale_after_s), now - timedelta(seconds=requeue_after_s))
+    held_before = now - timedelta(seconds=stale_after_s) if stale_after_s is not None else None
+    found = repository.stuck(session, held_before, now - timedelta(seconds=requeue_after_s), now - timedelta(seconds=pending_after_s))
     sent = []
     for job in found:
-        job.enqueued_at = now
+        job.enqueued_at, job.enqueue_pending = now, True
         job.worker, job.heartbeat_at = None, None  # the silent worker loses the stage; if alive, it stops at its next batch
         sent.append((job.id, job.stage))
-    after_commit(session, lambda: [dispatcher.enqueue(j, s) for j, s in sent])
+    send_after_commit(session, dispatcher, sent)
     return sent

@@ -337,8 +337,9 @@ class Run:
             "examples": len(adv["examples"]["ladder"].y),
         }
 
-    def report(self, stage_seconds: dict[str, float] | None = None) -> dict:
-        """The evaluation report of the run (stage times: this process's, unless given)."""
+    def report(self, stage_seconds: dict[str, float] | None = None, reused_seconds: dict[str, float] | None = None) -> dict:
+        """The evaluation report of the run (stage times: this process's, unless given; `reused_seconds`: the time of
+        the stages whose stored output a later attempt loaded, after a crash)."""
         cfg, train, spec, split = self.cfg, self.train, self.spec, self.split
         z, boundary, gfit, adv, tuned, ev = (self.output(s) for s in STAGES)
         hold = gfit.holdout_index
@@ -351,6 +352,7 @@ class Run:
             "data": {"train": len(train), "test": len(self.test), "evaluated": ev["evaluation"]["n"]},
             "latent": {"layer": split.layer, "dim": split.dim},
             "stage_seconds": stage_seconds if stage_seconds is not None else self.seconds,
+            "stage_reused_seconds": reused_seconds or {},
             "boundary": {
                 "pairs": len(boundary.pairs),
                 "train_accuracy_mean": boundary.train_accuracy.mean().item(),
