@@ -25,7 +25,7 @@ class Context:
 def build(settings: Settings, dispatcher: Dispatcher | None = None) -> Context:
     """A context for these settings."""
     store = open_store(settings.artifacts, settings.s3_endpoint_url, settings.s3_region,
-                       settings.s3_access_key_id, settings.s3_secret_access_key)
+                       settings.s3_access_key_id, settings.s3_secret_access_key, min_free_bytes=settings.store_min_free_bytes)
     return Context(settings, Database(settings.database, settings.db_pool_size), store, dispatcher)
 
 
