@@ -27,14 +27,19 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin ladder \
     && chown ladder:ladder /app
 
 # Dependencies first: this layer (several GB, torch and its CUDA wheels) is rebuilt only when
-# requirements.txt changes, not on every source edit.
-COPY requirements.txt /tmp/requirements.txt
+# requirements.lock changes, not on every source edit. The lock pins every package, transitive ones
+# included, resolved from the runtime requirements.txt (its header says how to regenerate it after
+# a change there): --no-deps installs exactly it, and pip check fails the build if it is not
+# self-consistent. Test tools (requirements-dev.txt: pytest, moto, schemathesis, playwright) stay out.
+COPY requirements.lock /tmp/requirements.lock
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    pip install --no-deps -r /tmp/requirements.lock \
+    && pip check \
+    && rm /tmp/requirements.lock
 
-# Then the package itself (dependencies are already in place). Only what pyproject.toml packages
-# is copied, so edits to tests or docs do not invalidate this layer.
+# Then the package itself (dependencies are already in place; pip check fails the build if
+# pyproject.toml asks for something the lock lacks). Only what pyproject.toml packages is copied,
+# so edits to tests or docs do not invalidate this layer.
 COPY pyproject.toml /tmp/ladder-src/
 COPY services /tmp/ladder-src/services
 COPY api /tmp/ladder-src/api
@@ -42,6 +47,7 @@ COPY workers /tmp/ladder-src/workers
 COPY migrations /tmp/ladder-src/migrations
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps /tmp/ladder-src \
+    && pip check \
     && rm -rf /tmp/ladder-src
 
 USER ladder
