@@ -173,19 +173,22 @@ def cmd_harden(args: argparse.Namespace) -> None:
 
 
 def _migrated_database(settings):
-    """The configured database; the embedded SQLite one is created and migrated on first use."""
-    from sqlalchemy import inspect
+    """The configured database, refused unless at this code's schema (Alembic's head); the embedded
+    SQLite one is created and migrated on first use."""
+    from alembic.util import CommandError
 
     from services.db import Database
-    from services.migrate import upgrade
+    from services.migrate import require_head, upgrade
 
     if settings.database.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        upgrade(settings.database)
-    db = Database(settings.database)
-    if not inspect(db.engine).has_table("jobs"):
-        raise InputError(f"the database {db.engine.url.render_as_string(hide_password=True)} has no ladder tables; run: ladder migrate")
-    return db
+        try:
+            upgrade(settings.database)
+        except CommandError:  # at a revision this code does not know: require_head says so in words
+            require_head(settings.database)
+            raise
+    require_head(settings.database)
+    return Database(settings.database)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -261,6 +264,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
     if settings.embedded:
         raise InputError("set LADDER_BROKER_URL (e.g. redis://localhost:6379/0) and LADDER_DATABASE_URL to run a worker; "
                          "without them `ladder serve` runs its own")
+    from services.migrate import require_head
+
+    require_head(settings.database)  # a worker older or newer than the schema would write wrong rows
     from workers.celery_app import app
 
     app.worker_main(["worker", "-Q", settings.queue, "-c", "1", "-P", "prefork", "--loglevel", args.log_level.upper(),
