@@ -22,6 +22,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 import services
 from api import jobs, problems
 from api.problems import MEDIA_TYPE, Problem, problem
+from services import faults
 from services.jobs import service
 from services.jobs.models import Job
 from services.settings import Settings, get_settings
@@ -299,7 +300,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.document(app)
     metrics = Metrics(ctx)
 
-    # the last added runs first: Observe sees every answer, BodyLimit's and BodyTimeout's included
+    # the last added runs first: Observe sees every answer, BodyLimit's and BodyTimeout's included; Errors, the
+    # innermost, turns what the routes raise and no handler took (an outage, a bug) into an answer
+    app.add_middleware(problems.Errors, retry_after_s=settings.retry_after_s)
     app.add_middleware(BodyTimeout, gap_s=settings.body_read_timeout_s, total_s=settings.body_total_timeout_s)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(Observe, metrics=metrics)
@@ -311,7 +314,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"], responses=problems.responses(503))
     def readyz():
-        """The database and the broker (or the embedded worker) are reachable."""
+        """The database, the broker (or the embedded worker) and the artifact store are usable."""
         checks = {}
         try:
             with ctx.db.reading() as s:
@@ -320,13 +323,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as e:
             checks["database"] = f"unreachable ({type(e).__name__})"
         checks["broker" if not settings.embedded else "worker"] = "ok" if broker_ok() else "unreachable"
+        checks["store"] = store_state()
         if any(v != "ok" for v in checks.values()):
-            return problem(503, "not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok"))
+            return problem(503, "not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok"),
+                           {"Retry-After": str(settings.retry_after_s)})
         return {"status": "ok", **checks}
 
-    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, responses=problems.responses())
+    def store_state() -> str:
+        """'ok', or why the store is not usable (ArtifactStore.health: None when it is, else a short reason)."""
+        try:
+            reason = ctx.store.health()
+        except Exception as e:  # a health check that cannot reach the store says so
+            return f"unreachable ({faults.describe(e)})"
+        return "ok" if reason is None else reason
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, responses=problems.responses(503))
     def prometheus() -> PlainTextResponse:
-        """Prometheus metrics."""
+        """Prometheus metrics (jobs by status are read from the database: 503 while it is unavailable)."""
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -3,10 +3,12 @@
 import base64
 import contextlib
 import hashlib
-import io
+import itertools
 import json
+import logging
 import tempfile
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +25,7 @@ import services
 from api.deps import ContextDep, TenantDep, in_session
 from api.problems import Problem, responses
 from api.schemas import JobOut, JobPage
+from services import faults
 from services.bounds import check_bounds
 from services.jobs import repository, service
 from services.method.pipeline import STAGE_SCHEMA
@@ -37,8 +40,8 @@ from services.uploads import (
 )
 from workers.context import Context
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["jobs"])
-CHUNK = 1 << 20
 SUFFIX = {"safetensors": ".safetensors", "pt2": ".pt2", "graph": ".graph.safetensors", "npz": ".npz", "zip": ".zip"}
 CURSOR = r"^[A-Za-z0-9_-]+={0,2}$"  # the `next` link's cursor: URL-safe base64 of "created_at|id"
 JobId = Annotated[uuid.UUID, PathParam(description="the job's id, as POST /v1/harden answered it")]
@@ -77,14 +80,36 @@ def _too_large(name: str, size: int | None, cap: int) -> str:
     return f"part {name!r} is larger than the {cap:,}-byte limit{given}; send a smaller file"
 
 
+class _Sink:
+    """A file part written straight to `path` in the upload's folder, hashed as the parser writes it: the one copy
+    of the upload the API makes (Starlette would spool it to a temporary file of its own first)."""
+
+    def __init__(self, path: Path):
+        self.path, self.f, self.sha = path, open(path, "w+b"), hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.f.seek(offset, whence)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.f.read(n)
+
+    def close(self) -> None:
+        self.f.close()
+
+
 class _JobParts(MultiPartParser):
     """Starlette's multipart parser, refusing a part of a job by name as soon as its headers arrive (unknown,
     sent twice, a file part sent as a field, a wrong media type or file kind) and as soon as its bytes pass its cap;
-    anything else it cannot parse is a 400. So Starlette's own limits on parts are never the ones that answer."""
+    anything else it cannot parse is a 400. So Starlette's own limits on parts are never the ones that answer.
+    A file part is written to `folder`/<part name> as it arrives (_Sink), not to Starlette's spooled file."""
 
-    def __init__(self, request: Request, stream: Any, limits: Limits):
+    def __init__(self, request: Request, stream: Any, limits: Limits, folder: Path):
         super().__init__(request.headers, stream, max_files=len(PARTS), max_fields=len(PARTS), max_part_size=limits.json_bytes)
-        self.limits, self.seen, self.size = limits, set[str](), 0
+        self.limits, self.folder, self.seen, self.size = limits, folder, set[str](), 0
 
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._current_part.content_disposition)
@@ -102,6 +127,11 @@ class _JobParts(MultiPartParser):
         part = self._current_part
         if part.file is not None:
             check_part(part.field_name, part.file.filename, part.file.content_type)
+            spooled = part.file.file  # Starlette's, still empty: swapped for the part's file in the upload's folder
+            self._files_to_close_on_error.remove(spooled)
+            spooled.close()
+            part.file.file = _Sink(self.folder / part.field_name)  # a name from PARTS, checked above
+            self._files_to_close_on_error.append(part.file.file)
         self.size = 0
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -113,44 +143,56 @@ class _JobParts(MultiPartParser):
         super().on_part_data(data, start, end)
 
 
-async def _parts(request: Request, limits: Limits) -> FormData:
-    """The job's parts: fields in memory (capped at json_bytes), files spooled to temporary files."""
+async def _parts(request: Request, limits: Limits, folder: Path) -> FormData:
+    """The job's parts: fields in memory (capped at json_bytes), files written to `folder` as they arrive."""
     media, _ = parse_options_header(request.headers.get("content-type", ""))
     if media != b"multipart/form-data":
         raise Problem(415, "send the job as multipart/form-data with parts model, model_spec, train_data (and optionally test_data, config)")
     async with contextlib.aclosing(request.stream()) as stream:
         try:
-            return await _JobParts(request, stream, limits).parse()
+            return await _JobParts(request, stream, limits, folder).parse()
         except MultiPartException as e:
             raise Problem(400, f"the multipart body cannot be parsed ({e.message}); send parts {', '.join(PARTS)} "
                                "as multipart/form-data (curl: -F name=@FILE)") from e
 
 
-def _receive(form: FormData, tmp: Path, limits: Limits) -> tuple[dict[str, Path], dict[str, str | None], dict[str, str]]:
-    """Copy every part to `tmp`, hashing it (names, types and sizes were checked as the parts arrived)."""
+def _receive(form: FormData, folder: Path, limits: Limits) -> tuple[dict[str, Path], dict[str, str | None], dict[str, str]]:
+    """Every part as a file in `folder` with its SHA-256: file parts are there already (_Sink), fields are written
+    (names, types and sizes were checked as the parts arrived)."""
     names = list(form.keys())
     missing = [n for n, rule in PARTS.items() if rule.required and n not in names]
     if missing:
         raise Problem(422, f"missing part(s) {', '.join(missing)}; a job needs model, model_spec and train_data")
     paths, filenames, shas = {}, {}, {}
     for name in names:
-        value, cap = form[name], getattr(limits, PARTS[name].cap)
+        value = form[name]
         if isinstance(value, UploadFile):
-            value.file.seek(0)
-            source, filenames[name] = value.file, value.filename
-        else:
-            source, filenames[name] = io.BytesIO(value.encode()), None
-        h, size = hashlib.sha256(), 0
-        paths[name] = tmp / name
-        with open(paths[name], "wb") as out:
-            while chunk := source.read(CHUNK):
-                size += len(chunk)
-                if size > cap:  # a field whose text encodes to more bytes than arrived
-                    raise Problem(413, _too_large(name, None, cap))
-                h.update(chunk)
-                out.write(chunk)
-        shas[name] = h.hexdigest()
+            sink = value.file
+            assert isinstance(sink, _Sink)
+            sink.f.flush()
+            paths[name], filenames[name], shas[name] = sink.path, value.filename, sink.sha.hexdigest()
+            continue
+        data, cap = value.encode(), getattr(limits, PARTS[name].cap)
+        if len(data) > cap:  # a field whose text encodes to more bytes than arrived
+            raise Problem(413, _too_large(name, None, cap))
+        paths[name], filenames[name], shas[name] = folder / name, None, hashlib.sha256(data).hexdigest()
+        paths[name].write_bytes(data)
     return paths, filenames, shas
+
+
+@contextlib.contextmanager
+def _spooling(settings: Any) -> Iterator[None]:
+    """While the upload is written to the API's temporary folder: that disk filling up is a 507 with Retry-After
+    naming it (not the artifact store, whose errors the app's Errors middleware answers), and one warning line."""
+    try:
+        yield
+    except OSError as e:
+        if faults.classify(e) != faults.STORAGE_FULL:
+            raise
+        log.warning("POST /v1/harden: 507, the API's space for uploads (%s) is full (%s)", tempfile.gettempdir(), faults.describe(e))
+        raise Problem(507, f"the API's space for uploads is full; send the request again in {settings.retry_after_s} s "
+                           "(operators: free space in its temporary folder, TMPDIR)",
+                      {"Retry-After": str(settings.retry_after_s)}) from e
 
 
 def _submit(ctx: Context, tenant: uuid.UUID, key: str | None, paths: dict[str, Path], filenames: dict[str, str | None],
@@ -194,8 +236,11 @@ def _submit(ctx: Context, tenant: uuid.UUID, key: str | None, paths: dict[str, P
                 job_id, tenant, key, request_digest, inputs_digest, spec.model_dump(mode="json"),
                 config.model_dump(mode="json"), inputs, stored), ctx.dispatcher,
                 ctx.settings.max_active_jobs_per_tenant)
-    except BaseException:
-        ctx.store.delete_prefix(f"jobs/{job_id}")
+    except BaseException as e:
+        try:
+            ctx.store.delete_prefix(f"jobs/{job_id}")
+        except Exception as cleanup:  # the store is down: the answer is about the first error; the sweeper removes these
+            log.warning("could not delete jobs/%s after %s: %s", job_id, faults.describe(e), faults.describe(cleanup))
         raise
     if not created:  # a concurrent request with the same key created the job first
         ctx.store.delete_prefix(f"jobs/{job_id}")
@@ -218,19 +263,22 @@ def _location(job: Any) -> dict[str, str]:
 
 
 @router.post("/harden", status_code=202, response_model=JobOut, openapi_extra=HARDEN_BODY,
-             responses={**responses(400, 401, 408, 413, 415, 422, 429), 202: {"description": "accepted; poll the Location"}})
+             responses={**responses(400, 401, 408, 413, 415, 422, 429, 503, 507), 202: {"description": "accepted; poll the Location"}})
 async def harden(
     request: Request, response: Response, tenant: TenantDep, ctx: ContextDep,
     idempotency_key: Annotated[str | None, Header(max_length=200, description="same key + same parts → the same job")] = None,
 ) -> JobOut:
     """Submit a model and its data for hardening."""
     limits = Limits.from_settings(ctx.settings)
-    with tempfile.TemporaryDirectory(prefix="ladder-upload-") as tmp:
-        form = await _parts(request, limits)
-        try:
-            paths, filenames, shas = await run_in_threadpool(_receive, form, Path(tmp), limits)
-        finally:
-            await form.close()
+    with _spooling(ctx.settings):
+        scratch = tempfile.TemporaryDirectory(prefix="ladder-upload-")
+    with scratch as tmp:
+        with _spooling(ctx.settings):
+            form = await _parts(request, limits, Path(tmp))
+            try:
+                paths, filenames, shas = await run_in_threadpool(_receive, form, Path(tmp), limits)
+            finally:
+                await form.close()
         job, created = await run_in_threadpool(_submit, ctx, tenant, idempotency_key, paths, filenames, shas)
     response.headers.update(_location(job))
     if not created:
@@ -249,7 +297,7 @@ def _cursor(job: Any) -> str:
     return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
 
 
-@router.get("/jobs", response_model=JobPage, responses=responses(401, 422))
+@router.get("/jobs", response_model=JobPage, responses=responses(401, 422, 503))
 async def list_jobs(ctx: ContextDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
                     cursor: Annotated[str | None, Query(description="the cursor of the previous page's `next` link",
                                                         pattern=CURSOR, max_length=200)] = None) -> JobPage:
@@ -272,14 +320,14 @@ async def list_jobs(ctx: ContextDep, tenant: TenantDep, limit: Annotated[int, Qu
     return await in_session(ctx, page)
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, responses=responses(401, 404, 422))
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=responses(401, 404, 422, 503))
 async def get_job(job_id: JobId, ctx: ContextDep, tenant: TenantDep) -> Response:
     """A job's status, stage, progress, timings and error."""
     body = await in_session(ctx, lambda s: JobOut.of(_job(s, tenant, job_id)).model_dump_json())
     return Response(body, media_type="application/json")  # serialised once: this is the route clients poll
 
 
-@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, responses=responses(401, 404, 409, 422))
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, responses=responses(401, 404, 409, 422, 503))
 async def cancel_job(job_id: JobId, ctx: ContextDep, tenant: TenantDep) -> JobOut:
     """Cancel a queued job now, or a running one at its next batch."""
     def cancel(session) -> JobOut:
@@ -294,7 +342,7 @@ def _finished(job: Any, what: str) -> None:
         raise Problem(409, f"job {job.id} is {job.status}; the {what} is ready once its status is succeeded")
 
 
-@router.get("/jobs/{job_id}/model", response_class=Response, responses={**responses(401, 404, 409, 422), 200: {"content": {"application/octet-stream": {}},
+@router.get("/jobs/{job_id}/model", response_class=Response, responses={**responses(401, 404, 409, 422, 503), 200: {"content": {"application/octet-stream": {}},
             "description": "the hardened weights (safetensors state dict); ETag = SHA-256"}, 304: {"description": "not modified"}})
 async def get_model(job_id: JobId, ctx: ContextDep, tenant: TenantDep,
                     if_none_match: Annotated[str | None, Header()] = None) -> Response:
@@ -321,11 +369,15 @@ async def _artifact(ctx: Context, tenant: Any, job_id: uuid.UUID, name: str, if_
     etag = f'"{art.sha256}"'
     if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
-    return StreamingResponse(ctx.store.stream(art.key), media_type=media_type,
+    # the first chunk is read before the answer starts: a store that cannot be read is a 503 with Retry-After
+    # (Errors), not a 200 cut short
+    chunks = ctx.store.stream(art.key)
+    first = await run_in_threadpool(next, chunks, b"")
+    return StreamingResponse(itertools.chain([first], chunks), media_type=media_type,
                              headers={"ETag": etag, "Content-Length": str(art.size), **headers})
 
 
-@router.get("/jobs/{job_id}/report", responses=responses(401, 404, 409, 422))
+@router.get("/jobs/{job_id}/report", responses=responses(401, 404, 409, 422, 503))
 async def get_report(job_id: JobId, ctx: ContextDep, tenant: TenantDep) -> dict[str, Any]:
     """The evaluation report (JSON, schema ladder.report/2: docs/report.md), stored with the job."""
     def report(session) -> dict[str, Any]:
@@ -336,7 +388,7 @@ async def get_report(job_id: JobId, ctx: ContextDep, tenant: TenantDep) -> dict[
     return await in_session(ctx, report)
 
 
-@router.get("/jobs/{job_id}/report.html", response_class=Response, responses={**responses(401, 404, 409, 422), 200: {"content": {"text/html": {}},
+@router.get("/jobs/{job_id}/report.html", response_class=Response, responses={**responses(401, 404, 409, 422, 503), 200: {"content": {"text/html": {}},
             "description": "the evaluation report as one self-contained page; ETag = SHA-256"},
             304: {"description": "not modified"}})
 async def get_report_html(job_id: JobId, ctx: ContextDep, tenant: TenantDep,

@@ -1,5 +1,8 @@
 """Errors as RFC 9457 problem details: `type`, `title`, `status`, `detail`; never a stack trace.
 
+Infrastructure errors (services.faults: the database or the broker unreachable, the artifact store full or
+unreachable) are answered 503 or 507 with Retry-After by `Errors`, one warning line each, never a 500.
+
 Also what the OpenAPI document says about them: `responses(...)` declares the errors a route can
 answer, and `document(app)` states every error response as `application/problem+json` with the
 ProblemOut schema (FastAPI would say `application/json`)."""
@@ -12,8 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.schemas import ProblemOut
+from services import faults
 from services.errors import InputError
 from services.jobs.service import Conflict
 
@@ -33,12 +39,23 @@ WHEN: dict[int, str] = {
     422: "unusable content or parameters (the detail says what to fix)",
     429: "the tenant has as many queued and running jobs as it may; retry after Retry-After seconds",
     500: "internal error; the API log has the details",
-    503: "the database or the broker is unreachable",
+    503: "the database, the broker or the artifact store is unreachable, or the server is busy; retry after Retry-After seconds",
+    507: "the artifact store, or the API's space for uploads, is full; retry after Retry-After seconds",
 }
+_RETRY_AFTER = {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}
 _HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     408: {"Connection": {"description": "close", "schema": {"type": "string"}}},
     429: {"Retry-After": {"description": "seconds to wait before submitting again", "schema": {"type": "integer"}}},
+    503: {"Retry-After": _RETRY_AFTER},
+    507: {"Retry-After": _RETRY_AFTER},
+}
+# what an infrastructure error is answered: (status, what the client is told)
+OUTAGES: dict[str, tuple[int, str]] = {
+    faults.DATABASE: (503, "the database is unavailable"),
+    faults.BROKER: (503, "the job queue (broker) is unreachable"),
+    faults.STORAGE_FULL: (507, "the artifact store is full"),
+    faults.STORAGE_UNAVAILABLE: (503, "the artifact store is unreachable"),
 }
 
 
@@ -55,6 +72,51 @@ def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> 
     title = HTTPStatus(status).phrase
     body = {"type": f"https://ladder.dev/problems/{title.lower().replace(' ', '-')}", "title": title, "status": status, "detail": detail}
     return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
+
+
+def retry_later(status: int, what: str, retry_after_s: int) -> JSONResponse:
+    """The answer to an outage: what is wrong, and to send the request again after Retry-After seconds."""
+    detail = f"{what}; send the request again in {retry_after_s} s (the API log has the details)"
+    return problem(status, detail, {"Retry-After": str(retry_after_s)})
+
+
+class Errors:
+    """Answers the errors no route handles: an infrastructure error (faults.classify) is 503 or 507 with
+    Retry-After and one warning line; any other is 500 with its traceback logged once. Plain ASGI inside the
+    exception handlers' reach: Starlette's handler for Exception logs nothing but re-raises, so uvicorn logged
+    each traceback a second time. A client that hung up passes through to Observe."""
+
+    def __init__(self, app: ASGIApp, retry_after_s: int):
+        self.app, self.retry_after_s = app, retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def sent(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        except ClientDisconnect:
+            raise
+        except Exception as e:
+            code = faults.classify(e)
+            where = f"{scope['method']} {scope['path']}"
+            if code is None:
+                if started:  # nothing to answer with any more: uvicorn logs it and closes the connection
+                    raise
+                log.exception("unhandled error on %s", where)
+                return await problem(500, "internal error; the operators have the details in the API log")(scope, receive, send)
+            status, what = OUTAGES[code]
+            if started:  # a download whose store failed midway: the client sees a short body and a closed connection
+                log.warning("%s: %s midway through the answer (%s)", where, what, faults.describe(e))
+                return
+            log.warning("%s: %d, %s (%s)", where, status, what, faults.describe(e))
+            await retry_later(status, what, self.retry_after_s)(scope, receive, send)
 
 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -97,7 +159,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(InputError)
     async def _input(request: Request, e: InputError) -> JSONResponse:
-        return problem(getattr(e, "status", 422), str(e), getattr(e, "headers", None))
+        status, headers = getattr(e, "status", 422), getattr(e, "headers", None)
+        if status == 503 and not headers:  # the sandbox is busy: every 503 says when to come back
+            headers = {"Retry-After": str(request.app.state.ctx.settings.retry_after_s)}
+        return problem(status, str(e), headers)
 
     @app.exception_handler(Conflict)
     async def _conflict(request: Request, e: Conflict) -> JSONResponse:
@@ -115,6 +180,6 @@ def install(app: FastAPI) -> None:
         return problem(e.status_code, str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:  # what escapes Errors (a middleware's own)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem(500, "internal error; the operators have the details in the API log")

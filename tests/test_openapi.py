@@ -60,12 +60,17 @@ def test_the_document_states_problem_details_parts_ids_and_cursor(served):
                 if p["name"] == "job_id":
                     assert p["in"] == "path" and p["schema"]["format"] == "uuid"
     assert set(doc["components"]["schemas"]["ProblemOut"]["required"]) == {"type", "title", "status", "detail"}
-    assert codes["POST /v1/harden"] == {202, 400, 401, 408, 413, 415, 422, 429, 500}
-    assert codes["GET /v1/jobs"] == {200, 401, 422, 500}
-    assert codes["GET /v1/jobs/{job_id}"] == {200, 401, 404, 422, 500}
-    assert codes["POST /v1/jobs/{job_id}/cancel"] == {202, 401, 404, 409, 422, 500}
-    assert codes["GET /v1/jobs/{job_id}/model"] == {200, 304, 401, 404, 409, 422, 500}
+    assert codes["POST /v1/harden"] == {202, 400, 401, 408, 413, 415, 422, 429, 500, 503, 507}
+    assert codes["GET /v1/jobs"] == {200, 401, 422, 500, 503}  # 503: the database is unavailable
+    assert codes["GET /v1/jobs/{job_id}"] == {200, 401, 404, 422, 500, 503}
+    assert codes["POST /v1/jobs/{job_id}/cancel"] == {202, 401, 404, 409, 422, 500, 503}
+    assert codes["GET /v1/jobs/{job_id}/model"] == {200, 304, 401, 404, 409, 422, 500, 503}
     assert codes["GET /readyz"] == {200, 503, 500}
+    assert codes["GET /metrics"] == {200, 500, 503} and codes["GET /healthz"] == {200, 500}
+    for op in ("POST /v1/harden", "GET /v1/jobs/{job_id}", "GET /readyz"):  # every outage answer says when to retry
+        method, path = op.split()
+        for code in ("503", "507") if op == "POST /v1/harden" else ("503",):
+            assert "Retry-After" in doc["paths"][path][method.lower()]["responses"][code]["headers"], (op, code)
     assert doc["paths"]["/v1/jobs/{job_id}/model"]["get"]["responses"]["200"]["content"] == {"application/octet-stream": {}}
 
     body = doc["paths"]["/v1/harden"]["post"]["requestBody"]["content"]["multipart/form-data"]
