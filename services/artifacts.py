@@ -49,11 +49,10 @@ class ArtifactStore(Protocol):
 
 def size_text(n: float) -> str:
     """A byte count for people: 1.5 GiB, 812 MiB, 40 KiB, 12 B."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" or abs(n) >= 100 else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    units, i = ("B", "KiB", "MiB", "GiB", "TiB"), 0
+    while abs(n) >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} {units[i]}" if i == 0 or abs(n) >= 100 else f"{n:.1f} {units[i]}"
 
 
 def file_digest(path: Path) -> tuple[str, int]:
@@ -89,13 +88,14 @@ class LocalStore:
         """Copy `src` into the store under `key` atomically; (sha256, size). OSError ENOSPC when the write would
         break into the reserve or the disk fills during it (then nothing of it stays behind)."""
         dst = self._path(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if self.min_free_bytes:
-            need, free = src.stat().st_size, self._free(dst.parent)
+        if self.min_free_bytes:  # before any folder is made: a refused write leaves nothing
+            self.root.mkdir(parents=True, exist_ok=True)
+            need, free = src.stat().st_size, self._free(self.root)
             if free - need < self.min_free_bytes:
                 raise OSError(errno.ENOSPC, f"the artifact store {self.root} keeps {size_text(self.min_free_bytes)} free "
                               f"(LADDER_STORE_MIN_FREE_BYTES) and has {size_text(free)}: storing {key} "
                               f"({size_text(need)}) is refused; free space there or lower the reserve")
+        dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + f".{os.getpid()}.tmp")
         h, size = hashlib.sha256(), 0
         try:

@@ -120,7 +120,7 @@ def test_a_put_that_would_break_into_the_reserve_is_refused_as_storage_full(tmp_
         store.put("jobs/a/inputs/model.safetensors", src)
     assert refused.value.errno == errno.ENOSPC and classify(refused.value) == STORAGE_FULL
     assert "LADDER_STORE_MIN_FREE_BYTES" in str(refused.value) and "jobs/a/inputs/model.safetensors" in str(refused.value)
-    assert _files(root) == []  # refused before a byte was written: no file, no .tmp
+    assert list(root.rglob("*")) == []  # refused before a byte was written: no file, no .tmp, no folder
     assert "under the" in store.health() and "LADDER_STORE_MIN_FREE_BYTES" in store.health()
 
     # a reserve the write leaves intact, and none at all: stored
