@@ -239,8 +239,8 @@ def _submit(ctx: Context, tenant: uuid.UUID, key: str | None, paths: dict[str, P
     except BaseException as e:
         try:
             ctx.store.delete_prefix(f"jobs/{job_id}")
-        except Exception as cleanup:  # the store is down: the answer is about the first error; the sweeper removes these
-            log.warning("could not delete jobs/%s after %s: %s", job_id, faults.describe(e), faults.describe(cleanup))
+        except Exception as cleanup:  # the store is down: the answer is about the first error, its log line says this too
+            e.add_note(f"jobs/{job_id} not deleted ({faults.describe(cleanup)}); the sweeper removes it")
         raise
     if not created:  # a concurrent request with the same key created the job first
         ctx.store.delete_prefix(f"jobs/{job_id}")

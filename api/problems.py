@@ -115,7 +115,8 @@ class Errors:
             if started:  # a download whose store failed midway: the client sees a short body and a closed connection
                 log.warning("%s: %s midway through the answer (%s)", where, what, faults.describe(e))
                 return
-            log.warning("%s: %d, %s (%s)", where, status, what, faults.describe(e))
+            notes = "".join(f"; {note}" for note in getattr(e, "__notes__", ()))  # e.g. what a failed upload left behind
+            log.warning("%s: %d, %s (%s)%s", where, status, what, faults.describe(e), notes)
             await retry_later(status, what, self.retry_after_s)(scope, receive, send)
 
 
