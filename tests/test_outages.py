@@ -4,6 +4,7 @@ one log line each, no traceback, /readyz 503, and 200 again within seconds of th
 Redis that is stopped (an upload still creates its job), a store under its free-space reserve and an API whose
 upload folder is full (507, nothing left behind, /readyz naming the store)."""
 
+import hashlib
 import os
 import subprocess
 import tempfile
@@ -257,15 +258,18 @@ def gone(database, broker, served, tmp_path_factory):
 
 def test_an_unreachable_store_is_503_for_uploads_and_downloads_and_not_ready(gone, served, database, tmp_path):
     server, key = gone
-    job_id = served[2]
+    first, job_id = served[0], served[2]
     engine = create_engine(database)
-    try:  # the first server's job, finished as far as the database says, its weights in the store that is gone
+    try:  # the first server's job, finished as far as the database says: its "hardened weights" are its stored upload
         with engine.begin() as c:
             c.exec_driver_sql("UPDATE jobs SET status = 'succeeded' WHERE id = %(id)s", {"id": job_id})
-            c.exec_driver_sql("INSERT INTO artifacts (job_id, name, key, sha256, size, created_at) VALUES "
-                              "(%(id)s, 'model', %(key)s, %(sha)s, 10, now())", {"id": job_id, "key": f"jobs/{job_id}/model.safetensors", "sha": "0" * 64})
+            c.exec_driver_sql("INSERT INTO artifacts (job_id, name, key, sha256, size, created_at) SELECT job_id, 'model', key, "
+                              "sha256, size, now() FROM artifacts WHERE job_id = %(id)s AND name = 'input.model'", {"id": job_id})
     finally:
         engine.dispose()
+    weights = httpx.get(f"{first.url}/v1/jobs/{job_id}/model", headers=_auth(key), timeout=60)  # from the store that works
+    assert weights.status_code == 200 and weights.content == good_parts(tmp_path)["model"][1], weights.status_code
+    assert weights.headers["etag"] == f'"{hashlib.sha256(weights.content).hexdigest()}"'
     for attempt in ("upload", "download"):
         since = server.log.stat().st_size
         if attempt == "upload":
