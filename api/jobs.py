@@ -167,9 +167,8 @@ def _receive(form: FormData, folder: Path, limits: Limits) -> tuple[dict[str, Pa
     for name in names:
         value = form[name]
         if isinstance(value, UploadFile):
-            sink = value.file
-            assert isinstance(sink, _Sink)
-            sink.f.flush()
+            sink: _Sink = value.file  # type: ignore[assignment]  # put there by _JobParts
+            sink.f.flush()  # a full disk shows here at the latest, while _spooling still answers for it
             paths[name], filenames[name], shas[name] = sink.path, value.filename, sink.sha.hexdigest()
             continue
         data, cap = value.encode(), getattr(limits, PARTS[name].cap)
