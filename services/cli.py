@@ -4,6 +4,7 @@ import argparse
 import hashlib
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -212,6 +213,46 @@ def cmd_keys(args: argparse.Namespace) -> None:
     print(key)
 
 
+def _utc(t: datetime) -> str:
+    """A stored time in UTC, to the second (PostgreSQL answers in its session's time zone)."""
+    return f"{t.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    """List API keys (prefix, tenant, created, revoked; never the keys), of one tenant or all."""
+    from services.settings import get_settings
+    from services.tenants.service import list_keys
+
+    db = _migrated_database(get_settings())
+    with db.reading() as s:
+        keys = list_keys(s, args.tenant)
+    if not keys:
+        console.print("no API keys yet; create one with: ladder keys create --tenant NAME")
+        return
+    rows = [("prefix", "tenant", "created", "revoked"),
+            *((k.prefix, k.tenant, _utc(k.created_at), "-" if k.revoked_at is None else _utc(k.revoked_at)) for k in keys)]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)), r[3], sep="  ")
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> None:
+    """Revoke one API key, named by the prefix `ladder keys list` shows (or the whole key)."""
+    from services.settings import get_settings
+    from services.tenants.service import revoke
+
+    settings = get_settings()
+    db = _migrated_database(settings)
+    with db.session() as s:
+        key, now = revoke(s, args.prefix)
+    if not now:
+        print(f"{key.prefix} (tenant {key.tenant}) was already revoked at {_utc(key.revoked_at)}")
+        return
+    # the API caches a key it has seen (LADDER_API_KEY_CACHE_S), so say how long it may still pass
+    print(f"revoked {key.prefix} (tenant {key.tenant}); a running API may still accept it for up to "
+          f"{settings.api_key_cache_s:g} s (LADDER_API_KEY_CACHE_S)")
+
+
 def _local_key(settings, db) -> str | None:
     """The embedded default's single local key: created on the first start, kept in data_dir."""
     from sqlalchemy import func, select
@@ -351,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     kc = ksub.add_parser("create", help="create a key for a tenant and print it")
     kc.add_argument("--tenant", required=True)
     kc.set_defaults(run=cmd_keys)
+    kl = ksub.add_parser("list", help="list keys: prefix, tenant, created, revoked (never the keys themselves)")
+    kl.add_argument("--tenant", help="only this tenant's keys")
+    kl.set_defaults(run=cmd_keys_list)
+    kr = ksub.add_parser("revoke", help="revoke a key by the prefix `keys list` shows (or the whole key)")
+    kr.add_argument("prefix", metavar="PREFIX")
+    kr.set_defaults(run=cmd_keys_revoke)
     u = sub.add_parser("submit", help="submit a job to a server, follow it and download the results")
     u.add_argument("--server", default="http://127.0.0.1:8000")
     u.add_argument("--key", required=True, help="API key (ladder keys create, or the one `ladder serve` printed)")
