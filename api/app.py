@@ -3,7 +3,6 @@ timeouts, and the reconciler (plus, when embedded, the in-process worker)."""
 
 import asyncio
 import logging
-import threading
 import time
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -27,6 +26,7 @@ from services.jobs import service
 from services.jobs.models import Job
 from services.settings import Settings, get_settings
 from workers.context import Context, build
+from workers.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # nginx's "client closed request": the metrics' status of a request whose client hung up first
@@ -232,25 +232,6 @@ class Observe:
                         scope["method"], scope["path"], status)
         finally:
             self.metrics.observe(scope, status or 500, time.perf_counter() - started)
-
-
-class Reconciler(threading.Thread):
-    """Every few seconds, enqueue again the jobs whose worker died or whose message was lost."""
-
-    def __init__(self, ctx: Context):
-        super().__init__(daemon=True, name="ladder-reconciler")
-        self.ctx, self.done = ctx, threading.Event()
-
-    def run(self) -> None:
-        s = self.ctx.settings
-        while not self.done.wait(s.reconcile_every_s):
-            try:
-                with self.ctx.db.session() as session:
-                    sent = service.reconcile(session, s.stale_after_s, s.requeue_after_s, self.ctx.dispatcher)
-                for job_id, stage in sent:
-                    log.warning("reconciler: job %s enqueued again at %s", job_id, stage)
-            except Exception:
-                log.exception("reconciler pass failed")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -25,7 +25,7 @@ import services
 from api.deps import ContextDep, TenantDep, in_session
 from api.problems import Problem, responses
 from api.schemas import JobOut, JobPage
-from services import faults
+from services import faults, scratch
 from services.bounds import check_bounds
 from services.jobs import repository, service
 from services.method.pipeline import STAGE_SCHEMA
@@ -270,8 +270,8 @@ async def harden(
     """Submit a model and its data for hardening."""
     limits = Limits.from_settings(ctx.settings)
     with _spooling(ctx.settings):
-        scratch = tempfile.TemporaryDirectory(prefix="ladder-upload-")
-    with scratch as tmp:
+        folder = scratch.directory("upload")  # named after this process: the sweeper removes it if the process dies
+    with folder as tmp:
         with _spooling(ctx.settings):
             form = await _parts(request, limits, Path(tmp))
             try:

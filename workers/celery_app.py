@@ -12,13 +12,16 @@ import uuid
 
 from celery import Celery
 from celery.exceptions import Reject
+from celery.signals import worker_ready
 from celery.worker.consumer import Consumer
 from celery.worker.state import maybe_shutdown
 from kombu import Queue
 
-from services import faults
+from services import faults, scratch
 from services.jobs.models import STAGES
 from services.settings import get_settings
+from workers.context import celery_context
+from workers.runner import run_stage  # imported here, not per task: each stage's fresh child then starts in ms, not seconds
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ app.conf.update(
     task_ignore_result=True,
     broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
     broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,  # a worker outlives any broker outage (Celery's default gives up after ~100 tries)
+    worker_cancel_long_running_tasks_on_connection_loss=False,  # a stage keeps running through one (Celery 6 flips this)
     task_queues=[Queue(settings.queue)],
     task_default_queue=settings.queue,
     worker_hijack_root_logger=False,
@@ -56,6 +61,12 @@ class PromptConsumer(Consumer):
         return conn
 
 
+@worker_ready.connect
+def _sweep_scratch(**_) -> None:
+    """The temp folders of this machine's dead stage processes (the API's reconciler sweeps only its own machine's)."""
+    scratch.sweep_scratch(settings.sweep_grace_s)
+
+
 class CeleryDispatcher:
     """Sends a job's stage to the Celery queue, trying an unreachable broker again for `patience_s` (a worker
     waits for it: the next stage is its job; the API does not: a request must not hang, the reconciler resends)."""
@@ -65,8 +76,13 @@ class CeleryDispatcher:
 
     def enqueue(self, job_id: uuid.UUID, stage: str) -> None:
         """Send the stage's task (call only after the database commit)."""
-        faults.retry(lambda: self.celery.send_task(task_name(stage), args=[str(job_id)], queue=settings.queue),
-                     f"job {job_id}: sending {stage}", self.patience_s, cap_s=2.0)
+        def send() -> None:
+            self.celery.send_task(task_name(stage), args=[str(job_id)], queue=settings.queue)
+
+        if self.patience_s > 0:
+            faults.retry(send, f"job {job_id}: sending {stage}", self.patience_s, cap_s=2.0)
+        else:
+            send()  # kombu's own publish retries (about a second), then the caller logs it once
 
 
 def task_name(stage: str) -> str:
@@ -77,9 +93,6 @@ def task_name(stage: str) -> str:
 def _stage_task(stage: str):
     @app.task(name=task_name(stage))
     def run(job_id: str) -> str:
-        from workers.context import celery_context
-        from workers.runner import run_stage
-
         # BUSY (another worker's heartbeat is fresh) is dropped too: if that worker dies, the
         # reconciler enqueues the stage again once its heartbeat is stale
         try:

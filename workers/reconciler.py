@@ -8,6 +8,7 @@ import time
 
 from services import faults
 from services.jobs import service
+from services.sweeper import Sweeper
 from workers.context import Context
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,12 @@ class Reconciler(threading.Thread):
         self.ctx, self.done = ctx, threading.Event()
         self.outage = False  # the last pass could not reach the database
         self.hold_until = 0.0  # monotonic time until which no stale stage is taken over
+        self.sweeper = Sweeper(ctx.db, ctx.store, ctx.settings.sweep_grace_s)
 
     def run(self) -> None:
         while not self.done.wait(self.ctx.settings.reconcile_every_s):
             self.once()
+            self.sweeper()  # its own, slower pace (services/sweeper.py)
 
     def once(self) -> list:
         """One pass; what it sent again."""

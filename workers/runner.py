@@ -9,7 +9,6 @@ database or broker error raises faults.Unavailable, which hands the stage back t
 """
 
 import logging
-import tempfile
 import threading
 import time
 import uuid
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 
-from services import checkpoints, faults
+from services import checkpoints, faults, scratch
 from services.artifacts import ArtifactStore, file_digest
 from services.errors import InputError
 from services.jobs import repository, service
@@ -243,7 +242,7 @@ def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
     beat.start()
     started = time.perf_counter()
     try:
-        with tempfile.TemporaryDirectory(prefix="ladder-") as tmp_dir:
+        with scratch.directory("stage") as tmp_dir:  # named after this process: the sweeper removes it if the process dies
             tmp = Path(tmp_dir)
             model, spec, train, test, config = _inputs(ctx, store, job, arts, tmp)
             reporter = Reporter(ctx, job_id, stage)
