@@ -310,8 +310,43 @@ def cmd_worker(args: argparse.Namespace) -> None:
     require_head(settings.database)  # a worker older or newer than the schema would write wrong rows
     from workers.celery_app import app
 
+    # no mingle or gossip: workers share nothing but the queue, and mingle costs a second at every (re)connect
     app.worker_main(["worker", "-Q", settings.queue, "-c", "1", "-P", "prefork", "--loglevel", args.log_level.upper(),
-                     "-n", args.name])
+                     "-n", args.name, "--without-mingle", "--without-gossip"])
+
+
+def cmd_jobs_resume(args: argparse.Namespace) -> None:
+    """Queue again jobs the infrastructure failed (storage_full, …): they go on from their kept stages."""
+    import uuid
+
+    from sqlalchemy import select
+
+    from services.jobs.models import Job
+    from services.jobs.service import RESUMABLE, Conflict, resume
+    from services.settings import get_settings
+
+    if bool(args.ids) == args.all:
+        raise InputError("name the jobs to resume (ladder jobs resume ID ...) or give --all, not both")
+    try:
+        ids = [uuid.UUID(i) for i in args.ids]
+    except ValueError as e:
+        raise InputError(f"not a job id: {e}; give the ids the API answered (GET /v1/jobs lists them)") from e
+    db = _migrated_database(get_settings())
+    if args.all:
+        with db.reading() as s:
+            ids = list(s.scalars(select(Job.id).where(Job.status == "failed", Job.error_code.in_(RESUMABLE))
+                                 .order_by(Job.created_at)))
+        if not ids:
+            print(f"no failed job to resume (none failed with {', '.join(RESUMABLE)})")
+            return
+    for job_id in ids:
+        try:
+            with db.session() as s:
+                job = resume(s, job_id)
+                stage = job.stage
+        except Conflict as e:
+            raise InputError(str(e)) from e
+        print(f"job {job_id} queued again at {stage}; the reconciler of a running API sends it within seconds")
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -398,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     kr = ksub.add_parser("revoke", help="revoke a key by the prefix `keys list` shows (or the whole key)")
     kr.add_argument("prefix", metavar="PREFIX")
     kr.set_defaults(run=cmd_keys_revoke)
+    j = sub.add_parser("jobs", help="jobs (operators)")
+    jsub = j.add_subparsers(dest="jobs_command", required=True)
+    jr = jsub.add_parser("resume", help="queue again jobs failed by the infrastructure (storage_full, ...), from their kept stages")
+    jr.add_argument("ids", nargs="*", metavar="ID")
+    jr.add_argument("--all", action="store_true", help="every job that failed with storage_full, storage_unavailable, ...")
+    jr.set_defaults(run=cmd_jobs_resume)
     u = sub.add_parser("submit", help="submit a job to a server, follow it and download the results")
     u.add_argument("--server", default="http://127.0.0.1:8000")
     u.add_argument("--key", required=True, help="API key (ladder keys create, or the one `ladder serve` printed)")
