@@ -253,7 +253,7 @@ def _stages(database: str, job_id: str) -> dict[str, dict]:
     engine = create_engine(database)
     try:
         with engine.connect() as c:
-            rows = c.execute(text("SELECT stage, status, attempts, computed, started_at, seconds, reused_seconds "
+            rows = c.execute(text("SELECT stage, status, attempts, computed, started_at, finished_at, seconds, reused_seconds "
                                   "FROM job_stages WHERE job_id = :j"), {"j": job_id}).mappings().all()
         return {r["stage"]: dict(r) for r in rows}
     finally:
@@ -265,8 +265,8 @@ def services_up(database, tmp_path):  # noqa: F811
     """Start `ladder serve` and one Celery worker with given settings; stopped at the end."""
     procs = []
 
-    def start(broker: str, store: Path, **settings: str):
-        env = _env(database, broker, store, tmp_path, **settings)
+    def start(broker: str, store: Path, database_url: str | None = None, **settings: str):
+        env = _env(database_url or database, broker, store, tmp_path, **settings)
         server = harness.Server(env, tmp_path / f"api{len(procs)}.log")
         procs.append(server)
         worker = harness.worker(env, tmp_path / f"worker{len(procs)}.log")
@@ -310,6 +310,46 @@ def test_database_connections_terminated_through_every_stage(database, inputs, s
     assert "internal_error" not in worker.tail(100_000)
 
 
+def _wait_stage(database: str, job_id: str, stage: str, column: str, timeout: float = 300) -> object:
+    """Wait until the stage's row has `column` set (read past any proxy); its value."""
+    deadline = time.monotonic() + timeout
+    while (value := _stages(database, job_id)[stage][column]) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert value is not None, f"{stage}.{column} still unset after {timeout} s"
+    return value
+
+
+@pytest.mark.slow
+def test_the_database_down_while_a_stage_ends(database, inputs, services_up, tmp_path):  # noqa: F811
+    """API and worker reach PostgreSQL through a proxy that is cut for 25 s while the generator stage runs and
+    ends: the stage keeps computing, records its end within seconds of the database's return, and the job
+    succeeds with no stage computed twice."""
+    from .outages import TcpProxy
+
+    host = database.split("@", 1)[1].split("/", 1)[0]
+    pg_host, pg_port = host.rsplit(":", 1) if ":" in host else (host, "5432")
+    with TcpProxy(pg_host, int(pg_port)) as proxy:
+        via_proxy = database.replace(f"@{host}/", f"@127.0.0.1:{proxy.port}/")
+        _, server, worker, key = services_up(harness.REDIS_URL, tmp_path / "store", via_proxy)
+        r = _submit(server, key, inputs, _config(generator={"max_epochs": 100, "time_budget_s": 15}))
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        _wait_stage(database, job_id, "generator", "started_at")
+        proxy.cut()
+        time.sleep(25)  # the generator's 15 s budget ends in the outage
+        proxy.restore()
+        back = utcnow()
+        finished = _wait_stage(database, job_id, "generator", "finished_at", timeout=120)
+        assert (finished - back).total_seconds() < 10, (finished - back, worker.tail())
+        job = _poll(f"{server.url}/v1/jobs/{job_id}", key, lambda j: j["status"] in ("succeeded", "failed", "canceled"))
+    assert job["status"] == "succeeded", (job, worker.tail())
+    stages = _stages(database, job_id)
+    assert {s: r["computed"] for s, r in stages.items()} == dict.fromkeys(STAGES, 1), stages
+    assert stages["generator"]["attempts"] == 1, stages  # not handed back: it waited for the database
+    log = worker.tail(200_000)
+    assert "recording its end: the database is unreachable" in log and "recovered after" in log, log[-3000:]
+
+
 @pytest.mark.slow
 def test_redis_stopped_while_a_stage_finishes(database, inputs, services_up, tmp_path):  # noqa: F811
     """Redis goes down while the boundary stage runs and stays down after it finished (its next stage's message
@@ -323,9 +363,7 @@ def test_redis_stopped_while_a_stage_finishes(database, inputs, services_up, tmp
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
         url = f"{server.url}/v1/jobs/{job_id}"
-        deadline = time.monotonic() + 300  # a worker holds the boundary stage (its message is consumed)
-        while _stages(database, job_id)["boundary"]["started_at"] is None and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _wait_stage(database, job_id, "boundary", "started_at")  # a worker holds it: its message is consumed
         broker.stop()
         # the boundary stage finishes with Redis down: the job moves on in the database, no worker takes it
         _poll(url, key, lambda j: j["progress"]["stage"] == "generator", timeout=300)
@@ -333,10 +371,7 @@ def test_redis_stopped_while_a_stage_finishes(database, inputs, services_up, tmp
         assert _stages(database, job_id)["generator"]["started_at"] is None, "the generator ran without a broker?"
         broker.start()
         back = utcnow()
-        deadline = time.monotonic() + 60
-        while (started := _stages(database, job_id)["generator"]["started_at"]) is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert started is not None, worker.tail()
+        started = _wait_stage(database, job_id, "generator", "started_at", timeout=60)
         assert (started - back).total_seconds() < 10, (started - back, worker.tail())
         job = _poll(url, key, lambda j: j["status"] in ("succeeded", "failed", "canceled"))
         assert job["status"] == "succeeded", (job, worker.tail())

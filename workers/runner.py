@@ -128,6 +128,7 @@ class Reporter:
     def __init__(self, ctx: Context, job_id: uuid.UUID, stage: str):
         self.ctx, self.job_id, self.stage = ctx, job_id, stage
         self.last = 0.0
+        self.failing = False  # one log line when writes start failing, one when they work again
 
     def __call__(self, stage: str, fraction: float, metrics: dict[str, float]) -> None:
         now = time.monotonic()
@@ -140,8 +141,13 @@ class Reporter:
         except Exception as e:  # the database's trouble must not stop the work: the next batch writes progress again
             if faults.classify(e) is None:
                 raise
-            log.warning("job %s: progress not written (%s)", self.job_id, faults.describe(e))
+            if not self.failing:
+                log.warning("job %s: progress not written until the database answers (%s)", self.job_id, faults.describe(e))
+            self.failing = True
             return
+        if self.failing:
+            log.warning("job %s: progress written again", self.job_id)
+            self.failing = False
         if stop:
             raise Stopped()
 
@@ -156,18 +162,19 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         every = self.ctx.settings.heartbeat_s
-        wait = every
+        wait, failing = every, False
         while not self.done.wait(wait):
             try:
                 with self.ctx.db.session() as s:
                     service.heartbeat(s, self.job_id, self.stage, self.ctx.worker_id)
-                wait = every
+                wait, failing = every, False
             except Exception as e:  # a missed beat is not fatal: the next comes sooner, so the stage is not taken as stale
                 wait = min(every, 1.0)
                 if faults.classify(e) is None:
                     log.exception("heartbeat of job %s failed", self.job_id)
-                else:
-                    log.warning("heartbeat of job %s failed (%s)", self.job_id, faults.describe(e))
+                elif not failing:
+                    log.warning("heartbeat of job %s failed (%s); trying every %g s", self.job_id, faults.describe(e), wait)
+                failing = True
 
 
 def _inputs(ctx: Context, store: ArtifactStore, job: Any, arts: dict[str, Any], tmp: Path) -> tuple[Any, ModelSpec, Any, Any, LadderConfig]:
