@@ -204,7 +204,7 @@ def test_a_job_whose_message_the_broker_lost_is_enqueued_again(server, keys, inp
         assert done["status"] == "succeeded", (done, w.tail())
     finally:
         w.stop()
-    assert f"job {job_id} enqueued again at latents" in server.tail(200_000)
+    assert f"job {job_id} sent again at latents" in server.tail(200_000)
 
 
 def test_cancel_queued_and_running(server, keys, inputs, env, database, tmp_path):
