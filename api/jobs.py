@@ -236,6 +236,9 @@ def _submit(ctx: Context, tenant: uuid.UUID, key: str | None, paths: dict[str, P
                 config.model_dump(mode="json"), inputs, stored), ctx.dispatcher,
                 ctx.settings.max_active_jobs_per_tenant)
     except BaseException as e:
+        if faults.classify(e) == faults.DATABASE:  # the commit may have landed with its answer lost: keep the inputs,
+            e.add_note(f"jobs/{job_id} kept: the sweeper removes it if no job row owns it")  # the sweeper decides
+            raise
         try:
             ctx.store.delete_prefix(f"jobs/{job_id}")
         except Exception as cleanup:  # the store is down: the answer is about the first error, its log line says this too

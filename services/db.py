@@ -50,7 +50,12 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0)
+    # timeouts: a database host that went away (a failover to a vanished address, a half-open connection) is an
+    # error within seconds that the callers retry or answer 503 for, not a thread blocked for minutes
+    connect_args = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                    "keepalives_count": 3, "tcp_user_timeout": 30_000} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0, pool_timeout=10,
+                         connect_args=connect_args)
 
 
 def after_commit(session: Session, fn: Callable[[], None]) -> None:

@@ -4,6 +4,7 @@ as `internal_error`; `Unavailable` is what is left when one outlasts its retries
 
 import errno
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -75,6 +76,8 @@ def _classify_one(e: BaseException) -> str | None:
         return _classify_s3(e)
     if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
         return STORAGE_FULL
+    if module == "safetensors" and any(f"os error {n})" in str(e) for n in _FULL_ERRNOS):  # SafetensorError: not an OSError
+        return STORAGE_FULL
     if isinstance(e, OSError) and e.errno in _STORE_ERRNOS:
         return STORAGE_UNAVAILABLE
     return None
@@ -118,7 +121,8 @@ def retry(fn: Callable[[], T], what: str, budget_s: float, *, first_s: float = 0
             waited = time.monotonic() - started
             if first is None:
                 first = e
-                log.warning("%s: %s (%s); retrying for up to %g s", what, WHAT[code], describe(e), budget_s)
+                until = "until it answers" if math.isinf(budget_s) else f"for up to {budget_s:g} s"
+                log.warning("%s: %s (%s); retrying %s", what, WHAT[code], describe(e), until)
             if waited + delay > budget_s:
                 raise Unavailable(code, f"{what}: {WHAT[code]}, for {waited:.0f} s ({describe(e)})") from e
             sleep(delay)

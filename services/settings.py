@@ -83,8 +83,8 @@ class Settings(BaseSettings):
     reconcile_every_s: float = 5.0
     enqueue_retry_after_s: float = Field(10.0, gt=0, description="a stage whose message could not be sent is sent again by the "
                                          "reconciler after this")
-    infra_retry_s: float = Field(300.0, ge=0, description="how long a worker retries the database, broker or artifact store "
-                                 "before it hands the stage back (database, broker) or fails the job, keeping its stages (store)")
+    infra_retry_s: float = Field(300.0, ge=1, description="how long a worker retries its claim, the broker or the artifact store "
+                                 "before it hands the stage back (claim, broker) or fails the job, keeping its stages (store)")
     store_min_free_bytes: int = Field(1024 * MB, ge=0, description="a file:// store keeps this much free: a write that would "
                                       "leave less is refused as storage_full, and /readyz answers 503 below it")
     retry_after_s: int = Field(10, ge=1, description="the Retry-After of a 503 or 507 answer (database, broker or store trouble)")

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import redis
 from botocore.exceptions import ClientError, EndpointConnectionError
+from safetensors import SafetensorError
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -51,6 +52,8 @@ def _s3_error(code: str, status: int) -> ClientError:
     (_s3_error("SlowDown", 503), faults.STORAGE_UNAVAILABLE),
     (EndpointConnectionError(endpoint_url="http://minio:9000"), faults.STORAGE_UNAVAILABLE),
     (faults.Unavailable(faults.STORAGE_FULL, "x"), faults.STORAGE_FULL),
+    (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), faults.STORAGE_FULL),
+    (SafetensorError("Error while deserializing header: HeaderTooLarge"), None),
     # the method's own errors and bad input are not the infrastructure's
     (RuntimeError("CUDA out of memory"), None),
     (ValueError("bad shape"), None),

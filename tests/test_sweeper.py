@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -168,7 +169,8 @@ def test_the_reconcilers_sweeper_runs_when_due_and_survives_a_store_outage(db, t
         (f"sweeper pass skipped: {WHAT[STORAGE_UNAVAILABLE]} (OSError: [Errno 5] Input/output error); next in 15 s", None)]
 
 
-def test_scratch_directory_names_its_process():
+def test_scratch_directory_names_its_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # sweep this test's folder, not the machine's temp dir
     with scratch.directory("upload") as d:
         name = Path(d).name
         assert name.startswith(f"ladder-upload-{os.getpid()}-") and scratch._OURS.fullmatch(name)

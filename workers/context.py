@@ -1,6 +1,7 @@
 """What a worker or the API needs, built once per process from the settings."""
 
 import os
+import secrets
 import socket
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -19,7 +20,8 @@ class Context:
     db: Database
     store: ArtifactStore
     dispatcher: Dispatcher | None = None
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    # with a random part: a restarted container has the same hostname and pids, and must not pass for the dead holder
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}")
 
 
 def build(settings: Settings, dispatcher: Dispatcher | None = None) -> Context:

@@ -2,13 +2,16 @@
 store, run the method's stage, store its output, record the transition. Celery tasks and the
 embedded worker both call `run_stage`, so both follow the same path.
 
-Infrastructure errors (services/faults.py) never fail a job as internal_error: database writes and
-store operations are retried with backoff for LADDER_INFRA_RETRY_S; then a store error fails the job
-as storage_full / storage_unavailable keeping its finished stages (`ladder jobs resume`), and a
-database or broker error raises faults.Unavailable, which hands the stage back to the queue.
+Infrastructure errors (services/faults.py) never fail a job as internal_error. The claim is retried
+with backoff for LADDER_INFRA_RETRY_S, then faults.Unavailable hands the message back to the queue
+(nothing was claimed, nothing is counted). A stage's end (done, failed, canceled) is retried until the
+database answers: its output is stored, and handing it back would count an attempt and leave a hold
+that drops the message as BUSY. Store operations are retried for LADDER_INFRA_RETRY_S; then the job
+fails as storage_full / storage_unavailable, keeping its finished stages (`ladder jobs resume`).
 """
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -129,10 +132,11 @@ class Reporter:
         self.ctx, self.job_id, self.stage = ctx, job_id, stage
         self.last = 0.0
         self.failing = False  # one log line when writes start failing, one when they work again
+        self.pause_until = 0.0  # after a failure, batches go on without trying for a while (a connect can take seconds)
 
     def __call__(self, stage: str, fraction: float, metrics: dict[str, float]) -> None:
         now = time.monotonic()
-        if stage != self.stage or (now - self.last < self.ctx.settings.progress_every_s and fraction < 1.0):
+        if stage != self.stage or now < self.pause_until or (now - self.last < self.ctx.settings.progress_every_s and fraction < 1.0):
             return
         self.last = now
         try:
@@ -143,7 +147,7 @@ class Reporter:
                 raise
             if not self.failing:
                 log.warning("job %s: progress not written until the database answers (%s)", self.job_id, faults.describe(e))
-            self.failing = True
+            self.failing, self.pause_until = True, time.monotonic() + 5.0
             return
         if self.failing:
             log.warning("job %s: progress written again", self.job_id)
@@ -216,14 +220,15 @@ def _results(ctx: Context, store: ArtifactStore, job: Any, run: Run, tmp: Path,
     return report, artifacts
 
 
-def _transact(ctx: Context, what: str, fn: Callable[[Session], T]) -> T:
-    """`fn` in one transaction, the whole transaction retried on database errors (faults.retry): each
-    caller's `fn` can run twice (a commit whose answer was lost), and service.py's steps allow it."""
+def _transact(ctx: Context, what: str, fn: Callable[[Session], T], budget_s: float = math.inf) -> T:
+    """`fn` in one transaction, the whole transaction retried on database errors (faults.retry) for `budget_s`
+    (default: until the database answers): each caller's `fn` can run twice (a commit whose answer was lost),
+    and service.py's steps allow it."""
     def once() -> T:
         with ctx.db.session() as s:
             return fn(s)
 
-    return faults.retry(once, what, ctx.settings.infra_retry_s, cap_s=5.0)
+    return faults.retry(once, what, budget_s, cap_s=5.0)
 
 
 def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
@@ -240,7 +245,7 @@ def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
         done = {r.stage: (r.seconds, r.reused_seconds) for r in job.stages if r.status == "done"}
         return outcome, job, {a.name: a for a in repository.artifacts(s, job_id)}, done
 
-    outcome, job, arts, done = _transact(ctx, f"{what}: claim", take)
+    outcome, job, arts, done = _transact(ctx, f"{what}: claim", take, budget)
     if outcome is not Claim.RUN:
         return outcome
     log.info("job %s: %s (attempt %d)", job_id, stage, job.attempt)
@@ -279,17 +284,16 @@ def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
         _transact(ctx, f"{what}: failing it", lambda s: service.stop(s, job_id, stage, me, "failed", ctx.store, "invalid_input", str(e)))
     except Exception as e:
         code = faults.classify(e)
-        if code in (faults.DATABASE, faults.BROKER):
+        if code in (faults.DATABASE, faults.BROKER):  # raised by the method's own code, outside every retry
             raise faults.Unavailable(code, str(e)) from e  # the stage goes back to the queue; its stored work stays
         if code is None:
             log.exception("job %s: stage %s failed", job_id, stage)
             code, message = "internal_error", (f"stage {stage} failed ({type(e).__name__}); "
                                                "the operators have the traceback in the worker log")
         else:  # the store: the job fails, its finished stages stay for `ladder jobs resume` once the store is back
-            log.error("job %s: stage %s failed: %s", job_id, stage, e)
-            message = (f"stage {stage} stopped: {faults.WHAT[code]} ({faults.describe(e.__cause__ or e)}); the stages "
-                       f"finished before it are kept, and once the store is fixed an operator resumes the job with "
-                       f"`ladder jobs resume {job_id}`")
+            log.error("job %s: stage %s failed: %s", job_id, stage, e)  # the details (paths, endpoints) stay in the log
+            message = (f"stage {stage} stopped: {faults.WHAT[code]}; the stages finished before it are kept, and once "
+                       f"the store is fixed an operator resumes the job with `ladder jobs resume {job_id}`")
         _transact(ctx, f"{what}: failing it", lambda s: service.stop(s, job_id, stage, me, "failed", ctx.store, code, message))
     finally:
         beat.done.set()

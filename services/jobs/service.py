@@ -142,18 +142,20 @@ def create(session: Session, new: NewJob, dispatcher: Dispatcher, max_active: in
         return replay(earlier, new.request_digest), False
     for name, (key, sha, size) in new.artifacts.items():
         repository.put_artifact(session, job_id, name, key, sha, size)
-    send_after_commit(session, dispatcher, [(job_id, STAGES[0])])
+    send_after_commit(session, dispatcher, [job])
     return job, True
 
 
-def send_after_commit(session: Session, dispatcher: Dispatcher, stages: list[tuple[uuid.UUID, str]]) -> None:
-    """Once the session commits, send each (job, stage) and clear its enqueue_pending mark (set by the caller in the
-    same transaction). A send that fails for the broker leaves the mark, and the reconciler sends it again within
-    LADDER_ENQUEUE_RETRY_AFTER_S; a duplicate message is harmless (the claim drops it)."""
+def send_after_commit(session: Session, dispatcher: Dispatcher, jobs: list[Job]) -> None:
+    """Once the session commits, send each job's current stage and clear its enqueue_pending mark (set by the caller
+    in the same transaction, with enqueued_at: only that mark is cleared, not a later one). A send that fails for the
+    broker leaves the mark, and the reconciler sends it again within LADDER_ENQUEUE_RETRY_AFTER_S; a duplicate
+    message is harmless (the claim drops it)."""
     engine = session.get_bind()
+    stages = [(job.id, job.stage, job.enqueued_at) for job in jobs]
 
     def send() -> None:
-        for job_id, stage in stages:
+        for job_id, stage, at in stages:
             try:
                 dispatcher.enqueue(job_id, stage)
             except Exception as e:
@@ -163,8 +165,8 @@ def send_after_commit(session: Session, dispatcher: Dispatcher, stages: list[tup
                 continue
             try:
                 with engine.begin() as conn:
-                    conn.execute(update(Job).where(Job.id == job_id, Job.stage == stage, Job.enqueue_pending)
-                                 .values(enqueue_pending=False))
+                    conn.execute(update(Job).where(Job.id == job_id, Job.stage == stage, Job.enqueue_pending,
+                                                   Job.enqueued_at == at).values(enqueue_pending=False))
             except Exception as e:  # the mark stays: the reconciler sends a duplicate, which the claim drops
                 if faults.classify(e) is None:
                     raise
@@ -285,7 +287,7 @@ def complete_stage(session: Session, job_id: uuid.UUID, stage: str, worker: str,
     job.stage = STAGES[STAGES.index(stage) + 1]
     job.stage_fraction, job.enqueued_at, job.enqueue_pending = 0.0, now, True
     job.fraction = _done_before(job.stage)
-    send_after_commit(session, dispatcher, [(job_id, job.stage)])
+    send_after_commit(session, dispatcher, [job])
     return True
 
 
@@ -342,10 +344,8 @@ def reconcile(session: Session, stale_after_s: float | None, requeue_after_s: fl
     now = utcnow()
     held_before = now - timedelta(seconds=stale_after_s) if stale_after_s is not None else None
     found = repository.stuck(session, held_before, now - timedelta(seconds=requeue_after_s), now - timedelta(seconds=pending_after_s))
-    sent = []
     for job in found:
         job.enqueued_at, job.enqueue_pending = now, True
         job.worker, job.heartbeat_at = None, None  # the silent worker loses the stage; if alive, it stops at its next batch
-        sent.append((job.id, job.stage))
-    send_after_commit(session, dispatcher, sent)
-    return sent
+    send_after_commit(session, dispatcher, found)
+    return [(job.id, job.stage) for job in found]
