@@ -3,6 +3,7 @@
 import argparse
 import hashlib
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,7 +147,11 @@ def cmd_harden(args: argparse.Namespace) -> None:
     config = load_config(Path(args.config) if args.config else None)
     check_bounds(config)  # the LADDER_MAX_* settings, as a submission is checked
     weights = load_weights(Path(args.model))
-    model = build_classifier(spec, weights)
+    from services.devices import resolve
+    from services.settings import get_settings
+
+    device = resolve(args.device or get_settings().device)
+    model = build_classifier(spec, weights).to(device)
     train = conform(load_data(args.train, "training data"), spec.input_shape, spec.num_classes, "training data")
     test = conform(load_data(args.test, "test data", "t10k"), spec.input_shape, spec.num_classes, "test data") if args.test else None
     train, test = split_inputs(train, test, config, spec.num_classes)
@@ -171,6 +176,7 @@ def cmd_harden(args: argparse.Namespace) -> None:
     print_summary(result.report)
     page = f" and {out}/report.html" if result.html is not None else " (no report.html: its rendering failed, see above)"
     print(f"wrote {out}/hardened.safetensors, {out}/report.json{page}")
+    print("computed on " + ", ".join(f"{k} {v}" for k, v in result.report["device"].items() if v))
 
 
 def _migrated_database(settings):
@@ -285,6 +291,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     mode = "embedded (SQLite, local artifacts, in-process worker)" if settings.embedded else "with Celery workers"
     console.print(f"ladder {services.__version__} serving on http://{host}:{port} {mode}; API docs at /docs")
     if settings.embedded:
+        from services.devices import check
+
+        device = check(settings.device)  # in a child process: the API itself never initialises CUDA
+        console.print("the embedded worker computes on " + ", ".join(f"{k} {v}" for k, v in device.items() if v))
         key = _local_key(settings, db)
         if key:
             console.print(f"local API key: {key}  (also in {settings.data_dir / 'local-api-key'})")
@@ -308,11 +318,49 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from services.migrate import require_head
 
     require_head(settings.database)  # a worker older or newer than the schema would write wrong rows
+    if args.gpus:
+        sys.exit(_gpu_workers(args))
+    from services.devices import check
+
+    device = check(settings.device)  # in a child process: this one forks the stages and must not initialise CUDA
+    console.print(f"ladder worker {args.name}: stages compute on " + ", ".join(f"{k} {v}" for k, v in device.items() if v))
     from workers.celery_app import app
 
     # no mingle or gossip: workers share nothing but the queue, and mingle costs a second at every (re)connect
     app.worker_main(["worker", "-Q", settings.queue, "-c", "1", "-P", "prefork", "--loglevel", args.log_level.upper(),
                      "-n", args.name, "--without-mingle", "--without-gossip"])
+
+
+def _gpu_workers(args: argparse.Namespace) -> int:
+    """`ladder worker --gpus 0,1`: one worker process per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES) and
+    named after it; SIGTERM / SIGINT go to all; when one ends, the others are stopped and its exit status is ours
+    (an orchestrator restarts the lot)."""
+    import signal
+    import subprocess
+    import time
+
+    gpus = [g.strip() for g in args.gpus.split(",")]
+    if not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+        raise InputError(f"--gpus {args.gpus!r}: give distinct GPU indices, e.g. --gpus 0,1 (as nvidia-smi numbers them)")
+    procs = {g: subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--name", f"ladder-gpu{g}@%h",
+                                  "--log-level", args.log_level],
+                                 env={**os.environ, "CUDA_VISIBLE_DEVICES": g, "LADDER_DEVICE": "cuda"}) for g in gpus}
+
+    def forward(signum, _frame):
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while all(p.poll() is None for p in procs.values()):
+        time.sleep(0.5)
+    gpu, first = next((g, p) for g, p in procs.items() if p.poll() is not None)
+    console.print(f"the worker of GPU {gpu} ended ({first.returncode}); stopping the others")
+    forward(signal.SIGTERM, None)
+    for p in procs.values():
+        p.wait()
+    return first.returncode
 
 
 def cmd_jobs_resume(args: argparse.Namespace) -> None:
@@ -408,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--test", help="test data (.npz); default: a stratified hold-out of the training data")
     h.add_argument("--config", help="method configuration (JSON); default: the paper's settings")
     h.add_argument("--out", required=True)
+    h.add_argument("--device", help="auto (the first CUDA device, else the CPU), cpu, cuda or cuda:N; default LADDER_DEVICE")
     h.set_defaults(run=cmd_harden)
     s = sub.add_parser("serve", help="run the HTTP API (embedded by default: SQLite and an in-process worker)")
     s.add_argument("--host")
@@ -415,9 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--workers", type=int, default=1, help="API processes (not with the embedded default)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(run=cmd_serve)
-    w = sub.add_parser("worker", help="run a Celery worker (needs LADDER_BROKER_URL and LADDER_DATABASE_URL)")
+    w = sub.add_parser("worker", help="run a Celery worker on LADDER_DEVICE (needs LADDER_BROKER_URL and LADDER_DATABASE_URL)")
     w.add_argument("--name", default="ladder@%h")
     w.add_argument("--log-level", default="info")
+    w.add_argument("--gpus", help="one worker per GPU, e.g. 0,1: each sees only its own GPU and is named ladder-gpu<N>@host")
     w.set_defaults(run=cmd_worker)
     m = sub.add_parser("migrate", help="bring the configured database to the newest schema")
     m.add_argument("--revision", default="head")

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(60.0, gt=0, description="seconds allowed for a request's line and headers (api/app.py, GuardedHttp)")
 
     # workers
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="where stages compute: auto (the first visible CUDA device, else the CPU), cpu, cuda, cuda:N")
     queue: str = "ladder"
     # Redis hands an unacknowledged task out again after this. Heartbeats, not this timeout, decide who runs a stage: a
     # copy delivered while its stage still runs finds a live holder and is dropped (BUSY), so it need not outlast the

@@ -22,14 +22,14 @@ from typing import Any, TypeVar
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 
-from services import checkpoints, faults, scratch
+from services import checkpoints, devices, faults, scratch
 from services.artifacts import ArtifactStore, file_digest
 from services.errors import InputError
 from services.jobs import repository, service
 from services.jobs.models import STAGES
 from services.jobs.service import Claim
 from services.method.config import LadderConfig
-from services.method.models import ModelSpec, net_weights
+from services.method.models import ModelSpec, device_of, net_weights
 from services.method.pipeline import Run, split_inputs
 from services.uploads import load_data, load_model
 from workers.context import Context
@@ -191,7 +191,9 @@ def _inputs(ctx: Context, store: ArtifactStore, job: Any, arts: dict[str, Any], 
             loaded[part] = tmp / Path(art.key).name
             fetch_checked(store, art.key, loaded[part], art.sha256, f"the uploaded {part}")
     fmt = job.inputs
-    model = load_model(loaded["model"], fmt["model"]["format"], spec)
+    # on LADDER_DEVICE: every stage follows the model's device (resolved here, in the stage's own process: the Celery
+    # parent that forks it never initialises CUDA)
+    model = load_model(loaded["model"], fmt["model"]["format"], spec).to(devices.resolve(ctx.settings.device))
     train = load_data(loaded["train_data"], fmt["train_data"]["format"], spec, "train_data")
     test = load_data(loaded["test_data"], fmt["test_data"]["format"], spec, "test_data") if "test_data" in loaded else None
     train, test = split_inputs(train, test, config, spec.num_classes)
@@ -257,6 +259,7 @@ def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
         with scratch.directory("stage") as tmp_dir:  # named after this process: the sweeper removes it if the process dies
             tmp = Path(tmp_dir)
             model, spec, train, test, config = _inputs(ctx, store, job, arts, tmp)
+            log.info("job %s: %s computes on %s", job_id, stage, device_of(model))  # where the model is, not the setting
             reporter = Reporter(ctx, job_id, stage)
             stages = ArtifactStages(store, job_id, job.inputs_digest, stage, {k: a.sha256 for k, a in arts.items()}, tmp)
             run = Run(model, spec, train, test, config, stages, reporter)

@@ -19,6 +19,7 @@ import torchvision
 from torch import Tensor
 
 import services
+from services import devices
 from services.datasets import ImageData, balanced_order, require_every_class, stratified_split
 from services.errors import InputError
 from services.method.boundary import fit_boundary
@@ -348,6 +349,7 @@ class Run:
             "config": cfg.model_dump(mode="json"),
             "seeds": {"run": cfg.seed, **{s: stage_seed(cfg.seed, s) for s in STAGES}},
             "versions": versions(),
+            "device": devices.describe(self.device),
             "spec": spec.model_dump(mode="json"),
             "data": {"train": len(train), "test": len(self.test), "evaluated": ev["evaluation"]["n"]},
             "latent": {"layer": split.layer, "dim": split.dim},

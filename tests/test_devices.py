@@ -1,0 +1,117 @@
+"""LADDER_DEVICE: which device stages compute on, refused in words where CUDA cannot be used; `auto` is the CPU on a
+machine without CUDA. The tests marked `cuda` need a GPU and are skipped without one."""
+
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import save_file
+
+from services import devices
+from services.errors import InputError
+from services.jobs.models import STAGES
+from services.method.models import build_classifier, net_weights
+from services.settings import Settings
+
+from . import harness
+from .conftest import LENET_SPEC
+from .test_service import _config, _submit, database, inputs  # noqa: F401
+
+CUDA = torch.cuda.is_available()
+cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)")
+no_cuda = pytest.mark.skipif(CUDA, reason="this machine has a CUDA GPU")
+
+
+def test_cpu_and_bad_names():
+    assert devices.resolve("cpu") == torch.device("cpu")
+    for bad in ("gpu", "cuda:", "cuda:x", "CPU", ""):
+        with pytest.raises(InputError, match="use auto, cpu, cuda or cuda:N"):
+            devices.resolve(bad)
+        with pytest.raises(ValidationError):
+            Settings(device=bad)
+    assert Settings().device == "auto" and Settings(device="cuda:1").device == "cuda:1"
+    assert devices.describe(torch.device("cpu")) == {"device": "cpu", "threads": torch.get_num_threads()}
+
+
+@no_cuda
+def test_without_cuda_auto_is_the_cpu_and_cuda_is_refused_saying_what_it_needs():
+    assert devices.resolve("auto") == torch.device("cpu")
+    for name in ("cuda", "cuda:0", "cuda:3"):
+        with pytest.raises(InputError, match=r"LADDER_DEVICE=cuda.*driver R580 or newer.*Turing.*or set LADDER_DEVICE=cpu"):
+            devices.resolve(name)
+    assert devices.check("auto") == {"device": "cpu", "threads": torch.get_num_threads()}
+    with pytest.raises(InputError, match="driver R580"):  # the answer of the child process, as the worker gets it
+        devices.check("cuda")
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], env={**os.environ, **(env or {})},
+                          cwd=harness.ROOT, capture_output=True, text=True, timeout=300)
+
+
+@no_cuda
+def test_harden_refuses_cuda_without_it(tmp_path):
+    save_file(net_weights(build_classifier(LENET_SPEC)), str(tmp_path / "model.safetensors"))
+    (tmp_path / "spec.json").write_text(LENET_SPEC.model_dump_json())
+    out = _cli("harden", "--model", str(tmp_path / "model.safetensors"), "--spec", str(tmp_path / "spec.json"),
+               "--train", "mnist5k", "--out", str(tmp_path / "out"), "--device", "cuda")
+    assert out.returncode == 2 and "driver R580" in out.stderr, out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@no_cuda
+def test_a_worker_refuses_cuda_without_it_one_per_gpu_too(database, tmp_path):  # noqa: F811
+    env = {"LADDER_DATABASE_URL": database, "LADDER_BROKER_URL": harness.REDIS_URL, "LADDER_DATA_DIR": str(tmp_path),
+           "LADDER_QUEUE": f"ladder-devices-{uuid.uuid4().hex[:8]}", "LADDER_ARTIFACTS_URL": tmp_path.as_uri()}
+    one = _cli("worker", env={**env, "LADDER_DEVICE": "cuda"})
+    assert one.returncode == 2 and "LADDER_DEVICE=cuda" in one.stderr and "driver R580" in one.stderr, one.stderr
+    each = _cli("worker", "--gpus", "0,1", env=env)  # every GPU's worker is started, each refuses, so does the lot
+    assert each.returncode == 2 and each.stderr.count("driver R580") >= 1, each.stderr
+    assert "the worker of GPU" in each.stderr
+    bad = _cli("worker", "--gpus", "0,0", env=env)
+    assert bad.returncode == 2 and "distinct GPU indices" in bad.stderr
+
+
+@cuda
+def test_cuda_resolves_and_is_described():
+    assert devices.resolve("auto") == torch.device("cuda:0") == devices.resolve("cuda")
+    info = devices.check("cuda")
+    assert info["device"] == "cuda:0" and info["gpu"] and info["cuda"] == torch.version.cuda and info["cudnn"]
+
+
+@pytest.mark.slow
+@cuda
+def test_a_whole_job_over_http_with_a_celery_worker_on_the_gpu(database, inputs, tmp_path):  # noqa: F811
+    """Every stage's process had the model on the GPU (each logs where its model is), the report says which GPU,
+    and the downloaded weights load on a CPU."""
+    env = {"LADDER_DATABASE_URL": database, "LADDER_BROKER_URL": harness.REDIS_URL, "LADDER_DATA_DIR": str(tmp_path / "data"),
+           "LADDER_QUEUE": f"ladder-gpu-{uuid.uuid4().hex[:8]}", "LADDER_ARTIFACTS_URL": (tmp_path / "store").as_uri(),
+           "LADDER_DEVICE": "cuda", "LADDER_API_KEY_CACHE_S": "0"}
+    server = harness.Server(env, tmp_path / "api.log")
+    worker = harness.worker(env, tmp_path / "worker.log")
+    try:
+        key = harness.create_key(env, "gpu")
+        r = _submit(server, key, inputs, _config())
+        assert r.status_code == 202, r.text
+        job = harness.wait_for(f"{server.url}/v1/jobs/{r.json()['id']}", key,
+                               lambda j: j["status"] in ("succeeded", "failed", "canceled"), timeout=900)
+        assert job["status"] == "succeeded", (job, worker.tail())
+        import httpx
+        from safetensors.torch import load
+
+        report = httpx.get(f"{server.url}/v1/jobs/{job['id']}/report", headers={"Authorization": f"Bearer {key}"}).json()
+        assert report["device"]["device"] == "cuda:0" and report["device"]["gpu"], report["device"]
+        weights = httpx.get(f"{server.url}/v1/jobs/{job['id']}/model", headers={"Authorization": f"Bearer {key}"}).content
+        assert all(t.device.type == "cpu" for t in load(weights).values())
+        log = worker.tail(200_000)
+        assert "stages compute on device cuda:0" in log
+        for stage in STAGES:
+            assert f"job {job['id']}: {stage} computes on cuda:0" in log, stage
+    finally:
+        worker.stop()
+        server.stop()
