@@ -1,11 +1,12 @@
 # syntax=docker/dockerfile:1
 # One image for every ladder process (docs/deployment.md):
-#   ladder serve    the API (default command)      ladder worker   a Celery worker (one per GPU)
+#   ladder serve    the API (default command)      ladder worker   a Celery worker (one per GPU, or on CPU)
 #   ladder migrate  the Alembic migrations          ladder keys create --tenant NAME
 #
-# No CUDA base image: torch 2.14.1 and torchvision 0.29.1 from PyPI are CUDA builds that bring
-# their own CUDA libraries (the nvidia-* wheels) and also run on CPU. A GPU host needs only the
-# NVIDIA driver and the NVIDIA Container Toolkit.
+# No CUDA base image: torch 2.14.1 and torchvision 0.29.1 from PyPI are CUDA 13.0 builds (cu130) that
+# bring their own CUDA libraries (the nvidia-* wheels) and also run on CPU. A GPU host needs only the
+# NVIDIA driver, R580 or newer, a Turing-or-newer GPU (compute capability 7.5+) and the NVIDIA
+# Container Toolkit; `ladder worker` with LADDER_DEVICE=cuda checks them at start and refuses otherwise.
 #
 # Build: docker build -t ladder .   (BuildKit, the default builder since Docker 23, for the cache mounts)
 FROM python:3.11-slim
@@ -57,9 +58,9 @@ WORKDIR /app
 ENV LADDER_HOST=0.0.0.0
 EXPOSE 8000
 
-# /healthz answers as soon as the API is up (slim has no curl; python does the request). A worker
-# started from this image serves no HTTP: docker-compose.yml turns this check off for it.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('LADDER_PORT', '8000'), timeout=4)"
+# No HEALTHCHECK in the image: the same image runs workers, which serve no HTTP, and a check on
+# /healthz would mark every worker unhealthy (an orchestrator acting on it kills them mid-stage).
+# docker-compose.yml gives the api its check on /healthz; with plain `docker run`, add one to the API
+# container (`--health-cmd`, docs/deployment.md) and none to workers.
 
 CMD ["ladder", "serve"]
