@@ -122,6 +122,218 @@ def test_the_api_spools_uploads_to_a_sized_scratch_of_its_own(compose):
     assert api["environment"]["LADDER_DATABASE_URL_FILE"] == compose["services"]["worker"]["environment"]["LADDER_DATABASE_URL_FILE"]
 
 
+# --- CPU and GPU workers: docker-compose.yml alone, and with docker-compose.gpu.yml --------------------
+
+@pytest.fixture(scope="module")
+def gpu_overlay():
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?-)?([^}]*)\}")
+
+
+def _interpolate(value, env: dict[str, str]):
+    """Compose's ${NAME}, ${NAME-default} and ${NAME:-default} in every string, as `docker compose config` does."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    if isinstance(value, str):
+        def one(m: re.Match) -> str:
+            name, op, default = m.groups()
+            if op == ":-":
+                return env.get(name) or default
+            return env.get(name, default if op == "-" else "")
+        return _VARIABLE.sub(one, value)
+    return value
+
+
+def _merge(base, over):
+    """`docker compose -f base -f over` for what these files hold: mappings merged key by key (environment,
+    deploy, ...), scalars and sequences (command, device lists) replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in over.items()}}
+    return over
+
+
+def _project(*files: dict, env: dict[str, str] | None = None) -> dict[str, dict]:
+    """The services of these compose files merged in order, variables interpolated from `env` (the .env file)."""
+    merged: dict = {}
+    for f in files:
+        merged = _merge(merged, f)
+    return _interpolate(merged, env or {})["services"]
+
+
+def _workers(services: dict[str, dict]) -> dict[str, dict]:
+    return {name: svc for name, svc in services.items() if svc.get("command", [])[:2] == ["ladder", "worker"]}
+
+
+def _gpus(svc: dict) -> list[dict]:
+    return svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def _node_name(svc: dict) -> str:
+    command = svc["command"]
+    assert "--name" in command, command  # the default, ladder@%h, is the same for every worker of a host
+    return command[command.index("--name") + 1]
+
+
+def _queue(svc: dict) -> str:
+    return svc.get("environment", {}).get("LADDER_QUEUE", "ladder")  # the setting's default
+
+
+def _replicas(svc: dict) -> int:
+    return int(svc.get("deploy", {}).get("replicas", 1))
+
+
+def _mentions_a_gpu(node) -> list[str]:
+    """Paths in a service's config that would ask Docker for a GPU (and fail on a host without the toolkit)."""
+    found = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in ("devices", "gpus", "device_ids", "runtime") or (k == "driver" and v == "nvidia"):
+                found.append(k)
+            found += [f"{k}.{p}" for p in _mentions_a_gpu(v)]
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += [f"[{i}].{p}" for p in _mentions_a_gpu(v)]
+    elif isinstance(node, str) and re.search(r"nvidia|\bcuda\b", node, re.I):
+        found.append(node)
+    return found
+
+
+def test_the_base_file_needs_no_gpu_and_its_worker_computes_on_the_cpu_with_bounded_threads(compose):
+    services = _project(compose)
+    for name, svc in services.items():
+        assert not _mentions_a_gpu(svc), (name, _mentions_a_gpu(svc))
+    (name, worker), = _workers(services).items()
+    assert name == "worker"
+    env = worker["environment"]
+    assert env["LADDER_DEVICE"] == "cpu"
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == str(worker["cpus"]) == "2", (env, worker["cpus"])
+    raw = compose["services"]["worker"]  # before interpolation: one variable sets threads and limit
+    assert raw["cpus"] == raw["environment"]["OMP_NUM_THREADS"] == raw["environment"]["MKL_NUM_THREADS"], raw
+    assert re.fullmatch(r"\$\{LADDER_WORKER_CPUS:-\d+\}", raw["cpus"]), raw["cpus"]
+    six = _project(compose, env={"LADDER_WORKER_CPUS": "6"})["worker"]
+    assert (six["cpus"], six["environment"]["OMP_NUM_THREADS"], six["environment"]["MKL_NUM_THREADS"]) == ("6",) * 3
+    # a node name per replica: %h is the container's hostname, which differs per replica unless set here
+    node = _node_name(worker)
+    assert node.endswith("@%h") and node != "ladder@%h", node
+    assert "hostname" not in worker and "container_name" not in worker, worker
+    # the shared settings stay: its own environment is merged into x-ladder-env, not a replacement
+    assert compose["x-ladder-env"].items() <= raw["environment"].items()
+    assert "LADDER_QUEUE" not in raw["environment"] and "LADDER_QUEUE" not in services["api"]["environment"]
+
+
+def test_no_worker_has_an_http_healthcheck_and_the_image_none_at_all(compose, gpu_overlay):
+    runtime = _dockerfile_stages()[-1]
+    checks = [i for i in runtime if i.upper().startswith("HEALTHCHECK")]
+    assert checks in ([], ["HEALTHCHECK NONE"]), checks  # `docker run IMAGE ladder worker` must not inherit one
+    for services in (_project(compose), _project(compose, gpu_overlay)):
+        workers = _workers(services)
+        assert workers
+        for name, svc in workers.items():
+            assert svc.get("healthcheck") == {"disable": True}, (name, svc.get("healthcheck"))
+        assert services["migrate"]["healthcheck"] == {"disable": True}
+        api = services["api"]["healthcheck"]  # moved out of the image: the API's check is the compose file's
+        assert api["test"][0] == "CMD" and "/healthz" in " ".join(api["test"]), api
+        assert "LADDER_PORT" in " ".join(api["test"])  # the port the API listens on, as the image's check did
+
+
+def test_the_gpu_overlay_gives_each_gpu_worker_one_gpu_of_its_own(compose, gpu_overlay):
+    services = _project(compose, gpu_overlay)
+    gpu_workers = {name: svc for name, svc in _workers(services).items() if _gpus(svc)}
+    assert set(gpu_workers) >= {"worker-gpu0", "worker-gpu1"}, set(gpu_workers)
+    ids, names = [], []
+    for name, svc in gpu_workers.items():
+        (device,) = _gpus(svc)  # exactly one reservation, of exactly one GPU named by its index
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], device
+        assert "count" not in device, device  # `count` hands GPU 0 to every replica
+        (gpu,) = device["device_ids"]
+        assert isinstance(gpu, str) and gpu.isdigit(), device
+        assert name == f"worker-gpu{gpu}", (name, gpu)
+        ids.append(gpu)
+        node = _node_name(svc)
+        assert node == f"ladder-gpu{gpu}@%h", (name, node)
+        names.append(node)
+        env = svc["environment"]
+        assert env["LADDER_DEVICE"] == "cuda", name  # inside the container its one GPU is CUDA device 0
+        assert _queue(svc) == _queue(services["api"]), name
+        assert _replicas(svc) == 1, name  # a replica more would reserve the same GPU
+        assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == str(svc["cpus"]), name
+    assert len(set(ids)) == len(ids) and len(set(names)) == len(names), (ids, names)
+    # the API never touches CUDA: no GPU, no device setting; only its queue changes
+    assert not _mentions_a_gpu(services["api"]) and "LADDER_DEVICE" not in services["api"]["environment"]
+    assert _queue(services["api"]) != "ladder"  # not the base's queue, so no worker of the base takes GPU jobs
+    assert set(gpu_overlay["services"]["api"]) == {"environment"}
+    assert set(gpu_overlay["services"]["api"]["environment"]) == {"LADDER_QUEUE"}
+
+
+def test_with_the_overlay_no_cpu_worker_takes_gpu_jobs_unless_allowed(compose, gpu_overlay):
+    def cpu_workers_on_the_api_queue(services):
+        api = _queue(services["api"])
+        return {name: _replicas(svc) for name, svc in _workers(services).items()
+                if not _gpus(svc) and _queue(svc) == api and _replicas(svc) > 0}
+
+    default = _project(compose, gpu_overlay)
+    assert cpu_workers_on_the_api_queue(default) == {}
+    assert default["worker"]["environment"]["LADDER_DEVICE"] == "cpu"  # the base's CPU worker, scaled to none
+    assert _replicas(default["worker"]) == 0
+    # allowed in .env: the CPU workers then read the GPU queue, and compute on the CPU
+    allowed = _project(compose, gpu_overlay, env={"LADDER_CPU_WORKERS": "2"})
+    assert cpu_workers_on_the_api_queue(allowed) == {"worker": 2}
+    # without the overlay, the one CPU worker serves the API's queue
+    assert cpu_workers_on_the_api_queue(_project(compose)) == {"worker": 1}
+
+
+def test_the_gpu_workers_repeat_the_base_files_shared_settings(compose, gpu_overlay):
+    """YAML anchors do not reach across files: the overlay repeats x-ladder, x-sandbox and x-worker."""
+    base = compose["services"]["worker"]
+    for name, svc in gpu_overlay["services"].items():
+        if not name.startswith("worker-gpu"):
+            continue
+        for key in ("image", "build", "env_file", "secrets", "security_opt", "cap_drop", "init", "restart",
+                    "stop_grace_period", "depends_on"):
+            assert svc.get(key) == base.get(key), (name, key, svc.get(key), base.get(key))
+        assert compose["x-ladder-env"].items() <= svc["environment"].items(), name
+        for key, value in svc["environment"].items():
+            assert not re.search(r"(PASSWORD|SECRET|ACCESS_KEY|_KEY_ID)$", key), (name, key)  # secrets as files
+            if key.endswith("_FILE"):
+                assert value.removeprefix("/run/secrets/") in svc["secrets"] and value.removeprefix("/run/secrets/") in compose["secrets"]
+        assert re.fullmatch(r"\$\{LADDER_GPU_WORKER_CPUS:-\d+\}", svc["cpus"]), svc["cpus"]
+    text = (ROOT / "docker-compose.gpu.yml").read_text()
+    assert not re.search(r"://[^\s/@:]*:[^\s/@…]+@", text) and "ports" not in gpu_overlay["services"]["api"]
+    import fnmatch  # the overlay stays out of the image too
+    assert any(fnmatch.fnmatch("docker-compose.gpu.yml", p) for p in (ROOT / ".dockerignore").read_text().split())
+
+
+def test_deployment_md_has_the_gpu_workers_recipe_matching_the_overlay(compose, gpu_overlay):
+    doc = (ROOT / "docs/deployment.md").read_text()
+    section = doc[doc.index("\n## GPU workers\n"):]
+    section = section[:section.index("\n## ", 1)]
+    for needed in ("R580", "Turing", "NVIDIA Container Toolkit", "docker compose -f docker-compose.yml -f docker-compose.gpu.yml up",
+                   "LADDER_DEVICE", "never touches", "ladder worker --gpus 0,1", "--no-healthcheck"):
+        assert needed in section, needed
+    assert "--scale worker=N` puts N workers" not in doc and "CPU only, for now" not in doc
+    # the remote worker's docker run line: the overlay's GPU worker settings, one GPU, a unique node name
+    (run,) = re.findall(r"```bash\n(N=\d+.*?docker run .*?)```", section, re.S)
+    run = run.replace("\\\n", " ")
+    given = dict(re.findall(r"-e ([A-Z0-9_]+)=(\S+)", run))
+    gpu0 = gpu_overlay["services"]["worker-gpu0"]
+    for key, value in _interpolate(compose["x-ladder-env"], {}).items():
+        assert key in given, key
+        if key.endswith("_FILE") or key == "LADDER_ENVIRONMENT":
+            assert given[key] == value, key
+    assert given["LADDER_DEVICE"] == "cuda" and given["LADDER_QUEUE"] == _project(compose, gpu_overlay)["api"]["environment"]["LADDER_QUEUE"]
+    for secret in gpu0["secrets"]:
+        assert f":/run/secrets/{secret}:ro" in run, secret
+    assert "--gpus device=$N" in run and '--name "ladder-gpu$N@$(hostname)"' in run and "--no-healthcheck" in run
+    for opt in gpu0["security_opt"]:
+        assert f"--security-opt {_interpolate(opt, {})}" in run, opt
+    assert "--cap-drop ALL" in run and "--init" in run
+
+
 # --- the image and the requirements -----------------------------------------------------------------
 
 def _dockerfile_stages() -> list[list[str]]:
