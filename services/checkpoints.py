@@ -67,23 +67,39 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save(value: Any, path: Path, seconds: float | None = None) -> None:
-    """Write `value` to `path` (safetensors) atomically, with the seconds its work took if given."""
+def save(value: Any, path: Path, seconds: float | None = None, notes: dict[str, Any] | None = None) -> None:
+    """Write `value` to `path` (safetensors) atomically, with the seconds its work took and notes about how it was
+    made (JSON), if given."""
     tensors: dict[str, Tensor] = {}
     meta = {"ladder": json.dumps(_encode(value, tensors))}
     if seconds is not None:
         meta["ladder.seconds"] = repr(float(seconds))
+    if notes:
+        meta["ladder.notes"] = json.dumps(notes)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def _meta(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def work_seconds(path: Path) -> float | None:
     """The seconds recorded by `save`, if any."""
-    with safe_open(str(path), framework="pt") as f:
-        value = (f.metadata() or {}).get("ladder.seconds")
+    value = _meta(path).get("ladder.seconds")
     try:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def notes(path: Path) -> dict[str, Any]:
+    """The notes recorded by `save` (empty if none)."""
+    try:
+        value = json.loads(_meta(path).get("ladder.notes") or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def load(path: Path) -> Any:

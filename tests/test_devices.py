@@ -115,3 +115,76 @@ def test_a_whole_job_over_http_with_a_celery_worker_on_the_gpu(database, inputs,
     finally:
         worker.stop()
         server.stop()
+
+
+# -- out of GPU memory: halve the stage's batch sizes and run again, down to a floor ---------------------------------
+
+def test_halving_touches_the_stage_s_batch_sizes_only_and_stops_at_the_floor():
+    from services.method import backoff
+    from services.method.config import LadderConfig
+
+    cfg = LadderConfig()
+    smaller, changed = backoff.halved(cfg, "evaluate")
+    assert changed == {"evaluate.batch_size": cfg.evaluate.batch_size // 2,
+                       "evaluate.autoattack.batch_size": cfg.evaluate.autoattack.batch_size // 2,
+                       "finetune.batch_size": cfg.finetune.batch_size // 2, "perturb.batch_size": cfg.perturb.batch_size // 2}
+    assert smaller.generator.batch_size == cfg.generator.batch_size and smaller.seed == cfg.seed
+    tiny = LadderConfig.model_validate({"finetune": {"batch_size": 15}})
+    with pytest.raises(backoff.OutOfMemory, match=r"stage finetune ran out of GPU memory .*finetune.batch_size; floor 8"):
+        backoff.halved(tiny, "finetune")
+    with pytest.raises(backoff.OutOfMemory, match="none it can shrink"):
+        backoff.halved(cfg, "latents")
+
+
+def test_with_backoff_runs_again_smaller_after_an_out_of_memory(caplog):
+    from services.method import backoff
+    from services.method.config import LadderConfig
+
+    seen, heard = [], []
+
+    def stage(cfg):
+        seen.append(cfg.generator.batch_size)
+        if cfg.generator.batch_size > 32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return "done"
+
+    cfg = LadderConfig()  # generator.batch_size 128
+    assert backoff.with_backoff(stage, cfg, "generator", torch.device("cuda"), heard.append) == "done"
+    assert seen == [128, 64, 32] and heard == [{"generator.batch_size": 64}, {"generator.batch_size": 32}]
+    assert sum("ran out of GPU memory" in r.getMessage() for r in caplog.records) == 2
+    with pytest.raises(torch.OutOfMemoryError):  # on the CPU an out-of-memory is not the GPU's: no halving
+        backoff.with_backoff(stage, cfg, "generator", torch.device("cpu"))
+    with pytest.raises(backoff.OutOfMemory):
+        backoff.with_backoff(lambda c: stage(c.model_copy(update={"generator": c.generator.model_copy(update={"batch_size": 999})})),
+                             cfg, "generator", torch.device("cuda"))
+
+
+def test_a_stage_output_keeps_its_notes(tmp_path):
+    from services import checkpoints
+
+    checkpoints.save({"x": 1}, tmp_path / "a.safetensors", notes={"batch_halvings": [{"finetune.batch_size": 32}]})
+    checkpoints.save({"x": 1}, tmp_path / "b.safetensors")
+    assert checkpoints.notes(tmp_path / "a.safetensors") == {"batch_halvings": [{"finetune.batch_size": 32}]}
+    assert checkpoints.notes(tmp_path / "b.safetensors") == {}
+
+
+@cuda
+def test_a_real_cuda_out_of_memory_under_a_memory_cap_backs_off():
+    """A capped share of the GPU (set_per_process_memory_fraction): 1 MiB per sample does not fit at 1024 samples in
+    a 600 MiB cap, and fits after halvings."""
+    from services.method import backoff
+    from services.method.config import LadderConfig
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(600 * (1 << 20) / total, 0)
+    try:
+        def stage(cfg):
+            x = torch.empty(cfg.perturb.batch_size, 1 << 18, device="cuda")  # 1 MiB per sample (fp32)
+            return x.shape[0]
+
+        heard = []
+        fitted = backoff.with_backoff(stage, LadderConfig(), "adversarial", torch.device("cuda"), heard.append)
+        assert fitted <= 512 and heard and heard[-1]["perturb.batch_size"] == fitted
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        torch.cuda.empty_cache()

@@ -28,6 +28,7 @@ from services.errors import InputError
 from services.jobs import repository, service
 from services.jobs.models import STAGES
 from services.jobs.service import Claim
+from services.method import backoff
 from services.method.config import LadderConfig
 from services.method.models import ModelSpec, device_of, net_weights
 from services.method.pipeline import Run, split_inputs
@@ -91,6 +92,8 @@ class ArtifactStages:
         self.found_current = False
         self.work_seconds: float | None = None  # of the current stage: measured here, or read from a stored output
         self.started = time.perf_counter()
+        self.notes: dict[str, Any] = {}  # written with the current stage's output (its batch halvings)
+        self.found_notes: dict[str, dict[str, Any]] = {}  # read from each stage's stored output
 
     def load(self, stage: str) -> Any | None:
         """The stored output of `stage`, or None for the current stage when it is not there yet."""
@@ -103,6 +106,7 @@ class ArtifactStages:
         path = self.tmp / f"{stage}.safetensors"
         expected = self.recorded.get(f"stage.{stage}", "") if earlier else None  # an earlier stage must have been recorded
         sha, size = fetch_checked(self.store, key, path, expected, f"the output of stage {stage}")
+        self.found_notes[stage] = checkpoints.notes(path)
         if stage == self.stage:
             self.found_current = True
             self.saved[stage] = (key, sha, size)
@@ -120,7 +124,7 @@ class ArtifactStages:
             self.work_seconds = checkpoints.work_seconds(path)
         else:
             self.work_seconds = time.perf_counter() - self.started
-            checkpoints.save(value, path, seconds=self.work_seconds)
+            checkpoints.save(value, path, seconds=self.work_seconds, notes=self.notes)
             self.saved[stage] = (key, *self.store.put(key, path))
 
 
@@ -201,9 +205,9 @@ def _inputs(ctx: Context, store: ArtifactStore, job: Any, arts: dict[str, Any], 
 
 
 def _results(ctx: Context, store: ArtifactStore, job: Any, run: Run, tmp: Path,
-             done: dict[str, tuple[float | None, float | None]]) -> tuple[dict, dict]:
+             done: dict[str, tuple[float | None, float | None]], halvings: list[dict[str, int]]) -> tuple[dict, dict]:
     """The report and the stored results: hardened (LADDER) weights, the other models, the report's page.
-    `done`: (work seconds, reuse seconds) of each finished stage."""
+    `done`: (work seconds, reuse seconds) of each finished stage; `halvings`: the report stage's own."""
     artifacts = {}
     for name, model in run.models().items():
         if name == "vanilla":
@@ -213,6 +217,8 @@ def _results(ctx: Context, store: ArtifactStore, job: Any, run: Run, tmp: Path,
         key = f"jobs/{job.id}/results/{name}.safetensors"
         artifacts["model" if name == "ladder" else f"model.{name}"] = (key, *store.put(key, path))
     report = run.report({k: work for k, (work, _) in done.items()}, {k: re for k, (_, re) in done.items() if re is not None})
+    backed_off = {s: n["batch_halvings"] for s, n in run.store.found_notes.items() if n.get("batch_halvings")}
+    report["memory_backoff"] = {**backed_off, **({"report": halvings} if halvings else {})}
     html = run.html(report)
     if html is not None:  # a page that failed to render is logged; the job keeps its weights and report
         page = tmp / "report.html"
@@ -262,12 +268,23 @@ def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
             log.info("job %s: %s computes on %s", job_id, stage, device_of(model))  # where the model is, not the setting
             reporter = Reporter(ctx, job_id, stage)
             stages = ArtifactStages(store, job_id, job.inputs_digest, stage, {k: a.sha256 for k, a in arts.items()}, tmp)
-            run = Run(model, spec, train, test, config, stages, reporter)
+            halvings: list[dict[str, int]] = []
+
+            def attempt(cfg: LadderConfig) -> Any:
+                run = Run(model, spec, train, test, cfg, stages, reporter)
+                if stage == "report":
+                    return _results(ctx, store, job, run, tmp, done, halvings)
+                return run.output(stage)
+
+            def halve(changed: dict[str, int]) -> None:
+                halvings.append(changed)
+                stages.notes["batch_halvings"] = halvings
+
+            outcome = backoff.with_backoff(attempt, config, stage, device_of(model), halve)
             report, computed = None, True
             if stage == "report":
-                report, artifacts = _results(ctx, store, job, run, tmp, done)
+                report, artifacts = outcome
             else:
-                run.output(stage)
                 computed = not stages.found_current
                 artifacts = {f"stage.{stage}": stages.saved[stage]}
         elapsed = time.perf_counter() - started
@@ -285,6 +302,9 @@ def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
         log.info("job %s: %s stopped", job_id, stage)
     except InputError as e:
         _transact(ctx, f"{what}: failing it", lambda s: service.stop(s, job_id, stage, me, "failed", ctx.store, "invalid_input", str(e)))
+    except backoff.OutOfMemory as e:
+        log.error("job %s: %s", job_id, e)
+        _transact(ctx, f"{what}: failing it", lambda s: service.stop(s, job_id, stage, me, "failed", ctx.store, "out_of_memory", str(e)))
     except Exception as e:
         code = faults.classify(e)
         if code in (faults.DATABASE, faults.BROKER):  # raised by the method's own code, outside every retry
