@@ -77,7 +77,9 @@ def _driver() -> str | None:
 
 def check(name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """`describe(resolve(name))`, worked out in a child process (with `env`), so that the caller never initialises
-    CUDA; InputError as `resolve` raises it."""
+    CUDA; InputError as `resolve` raises it. Without an NVIDIA driver's device node, `auto` is the CPU at once."""
+    if name == "cpu" or (name == "auto" and not os.path.exists("/dev/nvidiactl")):
+        return describe(torch.device("cpu"))
     out = subprocess.run([sys.executable, "-m", "services.devices", name], capture_output=True, text=True, timeout=120,
                          env={**os.environ, **(env or {})})
     try:
