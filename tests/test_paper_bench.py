@@ -124,3 +124,59 @@ def test_seed_spread_of_named_models_leaves_out_the_ranks():
     assert "avg rank" not in r.stdout and "best average rank" not in r.stdout and "| PGD | +13.69 | +8.27 |" in r.stdout
     missing = _seeds("--models", "vanilla,ladder_share50", *runs)
     assert missing.returncode == 2 and "needs the models" in missing.stderr
+
+
+def _gpu_bench(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    """bench/gpu.py --quick on the CPU (mnist5k, the embedded server: no PostgreSQL needed)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LADDER_")}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--quick", "--device", "cpu", "--threads", "2",
+                           "--cache", str(cache), "--out", str(out), *extra], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_gpu_bench_quick_on_the_cpu_records_every_number_and_computes_its_ratios(tmp_path):
+    from bench.engine import LADDER_STAGES
+
+    out = tmp_path / "gpu.json"
+    r = _gpu_bench(out, tmp_path / "cache")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    g = json.loads(out.read_text())
+    for key in ("service_job_seconds", "inprocess_job_seconds", "service_vs_inprocess", "ladder_vs_pgd_at_time_ratio",
+                "gpu_name", "peak_gpu_memory_mb", "stage_seconds", "service_mode", "device", "gpu_utilization", "command",
+                "config", "date", "targets", "pgd_at_seconds", "ladder_seconds"):
+        assert key in g, key
+    assert g["device"] == "cpu" and g["quick"] and g["service_mode"] == "embedded"
+    assert g["gpu_name"] is None and g["peak_gpu_memory_mb"] is None and g["gpu_utilization"] is None  # no GPU, no nvidia-smi
+    assert g["data"] == {"train": 4000, "test": 1000, "source": "mnist5k (4,000 / 1,000)"}
+    assert g["config"]["finetune"]["epochs"] == 1 and g["pgd_at"]["epochs"] == 1 and g["pgd_at"]["finished"]
+    assert g["pgd_at"]["eps"] == 0.3 and g["pgd_at"]["steps"] == 10 and not g["pgd_at"]["extrapolated"]
+    # both runs did the whole job, on the CPU, and agree (same inputs, seed and device)
+    for run in ("inprocess", "service"):
+        assert set(g["stage_seconds"][run]) >= {*LADDER_STAGES, "finetune", "evaluate"}, run
+        assert g["report_device"][run]["device"] == "cpu"
+    assert g["reports_agree"] and g["clean_accuracy"]["inprocess"] == g["clean_accuracy"]["service"]
+    # every ratio comes from the recorded seconds; LADDER's time is bench/engine.py's definition
+    assert g["service_vs_inprocess"] == g["service_job_seconds"] / g["inprocess_job_seconds"]
+    stages = g["stage_seconds"]["inprocess"]
+    assert g["ladder_seconds"] == sum(stages[s] for s in LADDER_STAGES) + g["finetune_seconds"]["inprocess"]["ladder"]
+    assert g["ladder_vs_pgd_at_time_ratio"] == g["ladder_seconds"] / g["pgd_at_seconds"]
+    assert 0 < g["inprocess_job_seconds"] and 0 < g["service_job_seconds"] and 0 < g["pgd_at_seconds"]
+    targets = {t["key"]: t for t in g["targets"]}
+    assert set(targets) == {"service_job_seconds", "service_vs_inprocess", "ladder_vs_pgd_at_time_ratio"}
+    assert [targets[k]["bound"] for k in targets] == [120, 1.2, 0.5]
+    for key, t in targets.items():
+        assert t["value"] == g[key] and t["met"] == (g[key] <= t["bound"]), key
+    assert targets["service_job_seconds"]["applies"] is False  # a quick CPU run says nothing about the H100/H200 target
+    assert "| service / in-process wall time |" in r.stdout and "| generator |" in r.stdout
+
+    # the budget guard: what runs past it is stopped and recorded, never waited for (the vanilla model is cached now)
+    r = _gpu_bench(tmp_path / "cut.json", tmp_path / "cache", "--budget-s", "2")
+    assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
+    cut = json.loads((tmp_path / "cut.json").read_text())
+    assert cut["vanilla"]["cached"] and not cut["inprocess"]["finished"] and "budget" in cut["inprocess"]["why"]
+    assert cut["service"]["why"] == cut["pgd_at"]["why"] == "no budget left"
+    assert cut["inprocess_job_seconds"] is cut["service_vs_inprocess"] is cut["ladder_vs_pgd_at_time_ratio"] is None
+    assert all(t["met"] is None for t in cut["targets"])
