@@ -50,18 +50,9 @@ from services.method.attacks import pgd  # noqa: E402
 from services.method.config import AttackConfig, LadderConfig  # noqa: E402
 from services.method.finetune import fit  # noqa: E402
 from services.method.models import build_classifier, load_net_weights, net_weights  # noqa: E402
+from tests.harness import QUICK_CONFIG  # noqa: E402  (--quick: the tests' small config)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mnist"
-# tests/conftest.py's quick_config: a whole job in well under a minute on 2 cores
-QUICK = {
-    "boundary": {"samples_per_class": 60, "holdout_per_class": 20, "attention_steps": 5},
-    "generator": {"max_epochs": 3, "time_budget_s": 20},
-    "perturb": {"samples_per_class": 40, "calibration_samples": 400},
-    "finetune": {"epochs": 1},
-    "evaluate": {"max_samples": 200, "attack": {"pgd_steps": 5}, "surrogate_epochs": 1,
-                 "cw": {"max_samples": 20, "binary_search_steps": 2, "max_iter": 10},
-                 "jsma": {"max_samples": 10}, "autoattack": {"max_samples": 20}},
-}
 TARGETS = {  # the issue's targets: (key, bound, what)
     "service_job_seconds": (120.0, "full-MNIST default job through the service, wall seconds, one H100/H200-class GPU"),
     "service_vs_inprocess": (1.2, "service / in-process wall time"),
@@ -409,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu_index = visible.split(",")[device.index or 0].strip() if visible else str(device.index or 0)
     sampler = GpuSampler(gpu_index)
     sampler.start()
-    config = LadderConfig.model_validate({**(QUICK if args.quick else {}), **args.config})
+    config = LadderConfig.model_validate({**(QUICK_CONFIG if args.quick else {}), **args.config})
     work = Path(tempfile.mkdtemp(prefix="ladder-gpu-bench-"))
     try:
         train, test = load_inputs(args)
@@ -460,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version(), "torch": torch.__version__},
         "data": {"train": len(train), "test": len(test), "source": "mnist5k (4,000 / 1,000)" if args.quick else args.data},
         "config": config.model_dump(mode="json"),
-        "config_overrides": {**(QUICK if args.quick else {}), **args.config},
+        "config_overrides": {**(QUICK_CONFIG if args.quick else {}), **args.config},
         "budget_s": args.budget_s,
         "vanilla": vanilla_info,
         "service_mode": service.get("service_mode"),

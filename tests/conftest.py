@@ -10,6 +10,8 @@ from services.method.config import LadderConfig
 from services.method.finetune import fit
 from services.method.models import Classifier, ModelSpec, build_classifier, prepare
 
+from . import harness
+
 torch.set_num_threads(2)
 
 LENET_SPEC = ModelSpec(architecture="lenet", num_classes=10, input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081])
@@ -21,6 +23,21 @@ class Trained:
     model: Classifier
     train: ImageData
     test: ImageData
+
+
+@pytest.fixture(scope="module")
+def database():
+    """A fresh PostgreSQL database migrated by Alembic, one per test module, dropped after it; its SQLAlchemy URL."""
+    from sqlalchemy import create_engine
+
+    from services.migrate import upgrade
+
+    harness.require_services()
+    url, name = harness.create_database()
+    upgrade(url)
+    yield url
+    create_engine(url).dispose()
+    harness.drop_database(name)
 
 
 @pytest.fixture(scope="session")
@@ -50,15 +67,7 @@ def latents(lenet):
 
 def quick_config(**overrides) -> LadderConfig:
     """A configuration small enough for a whole run in seconds on 2 cores."""
-    base = {
-        "boundary": {"samples_per_class": 60, "holdout_per_class": 20, "attention_steps": 5},
-        "generator": {"max_epochs": 3, "time_budget_s": 20},
-        "perturb": {"samples_per_class": 40, "calibration_samples": 400},
-        "finetune": {"epochs": 1},
-        "evaluate": {"max_samples": 200, "attack": {"pgd_steps": 5}, "surrogate_epochs": 1,
-                     "cw": {"max_samples": 20, "binary_search_steps": 2, "max_iter": 10},
-                     "jsma": {"max_samples": 10}, "autoattack": {"max_samples": 20}},
-    }
+    base = dict(harness.QUICK_CONFIG)  # a copy: the overrides replace whole sections in it
     for k, v in overrides.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
     return LadderConfig.model_validate(base)

@@ -14,6 +14,16 @@ import httpx
 import psycopg
 import redis
 
+# a LadderConfig small enough for a whole job in well under a minute on 2 cores (tests' quick_config, bench/gpu.py --quick)
+QUICK_CONFIG = {
+    "boundary": {"samples_per_class": 60, "holdout_per_class": 20, "attention_steps": 5},
+    "generator": {"max_epochs": 3, "time_budget_s": 20},
+    "perturb": {"samples_per_class": 40, "calibration_samples": 400},
+    "finetune": {"epochs": 1},
+    "evaluate": {"max_samples": 200, "attack": {"pgd_steps": 5}, "surrogate_epochs": 1,
+                 "cw": {"max_samples": 20, "binary_search_steps": 2, "max_iter": 10},
+                 "jsma": {"max_samples": 10}, "autoattack": {"max_samples": 20}},
+}
 PG_ADMIN = os.environ.get("LADDER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LADDER_TEST_REDIS", "redis://127.0.0.1:6379/15")
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,9 +93,10 @@ class Proc:
 
 
 class Server(Proc):
-    """`ladder serve` on a free port."""
+    """`ladder serve` on a free port, waited for until `probe` answers 200 (/healthz for a server whose /readyz is
+    meant to answer 503)."""
 
-    def __init__(self, env: dict[str, str], log: Path, workers: int = 1, log_level: str = "warning"):
+    def __init__(self, env: dict[str, str], log: Path, workers: int = 1, log_level: str = "warning", probe: str = "/readyz"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(["serve", "--port", str(self.port), "--workers", str(workers), "--log-level", log_level], env, log)
@@ -94,12 +105,12 @@ class Server(Proc):
             if self.p.poll() is not None:
                 raise RuntimeError(f"ladder serve exited:\n{self.tail()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{probe}", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise RuntimeError(f"ladder serve not ready:\n{self.tail()}")
+        raise RuntimeError(f"ladder serve not ready ({probe}):\n{self.tail()}")
 
 
 EMBEDDED = {"LADDER_DATABASE_URL": "", "LADDER_BROKER_URL": "", "LADDER_ARTIFACTS_URL": ""}  # over any outer setting

@@ -19,7 +19,7 @@ from services.settings import Settings
 
 from . import harness
 from .conftest import LENET_SPEC
-from .test_service import _config, _submit, database, inputs  # noqa: F401
+from .test_service import _config, _submit, inputs  # noqa: F401
 
 CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)")

@@ -32,7 +32,7 @@ from services.tenants.service import create_key, tenant_of
 
 from . import harness
 from .test_lifecycle import Recorder, db  # noqa: F401  (the PostgreSQL and SQLite databases)
-from .test_service import _auth, _config, _submit, database, inputs  # noqa: F401
+from .test_service import _auth, _config, _submit, inputs  # noqa: F401
 
 
 # -- which errors are the infrastructure's ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from services.jobs.service import Claim, Conflict, TooManyJobs
 from services.settings import Settings, get_settings
 from services.tenants.service import create_key, tenant_of
 
-from .test_service import _auth, _config, _rows, _store_files, _submit, database, env, inputs, keys, server  # noqa: F401
+from .test_service import _auth, _config, _rows, _store_files, _submit, env, inputs, keys, server  # noqa: F401
 
 pytestmark = pytest.mark.slow
 CAP = Settings.model_fields["max_active_jobs_per_tenant"].default  # what the test server runs with

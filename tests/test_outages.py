@@ -27,18 +27,6 @@ RETRY_AFTER = "7"  # LADDER_RETRY_AFTER_S of the test servers: not the default, 
 
 
 @pytest.fixture(scope="module")
-def database():
-    harness.require_services()
-    url, name = harness.create_database()
-    from services.migrate import upgrade
-
-    upgrade(url)
-    yield url
-    create_engine(url).dispose()
-    harness.drop_database(name)
-
-
-@pytest.fixture(scope="module")
 def proxy(database):
     url = make_url(database)
     with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as p:
@@ -159,26 +147,6 @@ def test_a_broker_outage_does_not_fail_an_upload_and_readyz_reports_it(served, b
     assert "Traceback" not in server.tail(200_000)
 
 
-class Unready(harness.Proc):
-    """`ladder serve` waited for by /healthz: its /readyz is meant to answer 503."""
-
-    def __init__(self, env: dict[str, str], log: Path):
-        self.port = harness.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__(["serve", "--port", str(self.port), "--log-level", "warning"], env, log)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.p.poll() is not None:
-                raise RuntimeError(f"ladder serve exited:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"ladder serve not up:\n{self.tail()}")
-
-
 MiB = 1 << 20
 SCRATCH = 8 * MiB  # the API's upload folder in the full-disk test: good_parts (≈ 2 MiB) fits, 16 MiB does not
 
@@ -205,7 +173,7 @@ def full(database, broker, served, scratch, tmp_path_factory):
     free = os.statvfs(store).f_bavail * os.statvfs(store).f_frsize
     env = _env(database, broker, store, tmp_path_factory.mktemp("full-data"), LADDER_STORE_MIN_FREE_BYTES=str(free + 1024 * MiB),
                **({"TMPDIR": str(scratch)} if scratch else {}))
-    server = Unready(env, tmp_path_factory.mktemp("logs") / "full-api.log")
+    server = harness.Server(env, tmp_path_factory.mktemp("logs") / "full-api.log", probe="/healthz")
     try:
         yield server, served[1], store
     finally:
@@ -249,7 +217,7 @@ def gone(database, broker, served, tmp_path_factory):
     env = _env(database, broker, tmp_path_factory.mktemp("unused"), tmp_path_factory.mktemp("gone-data"),
                LADDER_ARTIFACTS_URL="s3://ladder-gone/test", LADDER_S3_ENDPOINT_URL=f"http://127.0.0.1:{harness.free_port()}",
                LADDER_S3_ACCESS_KEY_ID="test", LADDER_S3_SECRET_ACCESS_KEY="test-secret-key")
-    server = Unready(env, tmp_path_factory.mktemp("logs") / "gone-api.log")
+    server = harness.Server(env, tmp_path_factory.mktemp("logs") / "gone-api.log", probe="/healthz")
     try:
         yield server, served[1]
     finally:

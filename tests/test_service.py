@@ -25,18 +25,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def database():
-    harness.require_services()
-    url, name = harness.create_database()
-    from services.migrate import upgrade
-
-    upgrade(url)
-    yield url
-    create_engine(url).dispose()
-    harness.drop_database(name)
-
-
-@pytest.fixture(scope="module")
 def env(database, tmp_path_factory):
     store = tmp_path_factory.mktemp("artifacts")
     return {

@@ -34,18 +34,6 @@ from .conftest import LENET_SPEC
 GRACE = 60.0
 
 
-@pytest.fixture(scope="module")
-def database():
-    harness.require_services()
-    url, name = harness.create_database()
-    from services.migrate import upgrade
-
-    upgrade(url)
-    yield url
-    create_engine(url).dispose()
-    harness.drop_database(name)
-
-
 @pytest.fixture
 def db(database):
     d = Database(database, pool_size=2)

@@ -21,7 +21,7 @@ from services import faults, scratch
 from services.jobs.models import STAGES
 from services.settings import get_settings
 from workers.context import celery_context
-from workers.runner import run_stage  # imported here, not per task: each stage's fresh child then starts in ms, not seconds
+from workers.runner import run_stage  # imported once in the parent: a stage's fresh child inherits the method, no import of its own
 
 log = logging.getLogger(__name__)
 

@@ -205,9 +205,9 @@ def _inputs(ctx: Context, store: ArtifactStore, job: Any, arts: dict[str, Any], 
 
 
 def _results(ctx: Context, store: ArtifactStore, job: Any, run: Run, tmp: Path,
-             done: dict[str, tuple[float | None, float | None]], halvings: list[dict[str, int]]) -> tuple[dict, dict]:
+             done: dict[str, tuple[float | None, float | None]]) -> tuple[dict, dict]:
     """The report and the stored results: hardened (LADDER) weights, the other models, the report's page.
-    `done`: (work seconds, reuse seconds) of each finished stage; `halvings`: the report stage's own."""
+    `done`: (work seconds, reuse seconds) of each finished stage."""
     artifacts = {}
     for name, model in run.models().items():
         if name == "vanilla":
@@ -217,8 +217,8 @@ def _results(ctx: Context, store: ArtifactStore, job: Any, run: Run, tmp: Path,
         key = f"jobs/{job.id}/results/{name}.safetensors"
         artifacts["model" if name == "ladder" else f"model.{name}"] = (key, *store.put(key, path))
     report = run.report({k: work for k, (work, _) in done.items()}, {k: re for k, (_, re) in done.items() if re is not None})
-    backed_off = {s: n["batch_halvings"] for s, n in run.store.found_notes.items() if n.get("batch_halvings")}
-    report["memory_backoff"] = {**backed_off, **({"report": halvings} if halvings else {})}
+    notes = {**run.store.found_notes, "report": run.store.notes}  # the earlier stages' outputs, and this stage's own
+    report["memory_backoff"] = {s: n["batch_halvings"] for s, n in notes.items() if n.get("batch_halvings")}
     html = run.html(report)
     if html is not None:  # a page that failed to render is logged; the job keeps its weights and report
         page = tmp / "report.html"
@@ -268,17 +268,14 @@ def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
             log.info("job %s: %s computes on %s", job_id, stage, device_of(model))  # where the model is, not the setting
             reporter = Reporter(ctx, job_id, stage)
             stages = ArtifactStages(store, job_id, job.inputs_digest, stage, {k: a.sha256 for k, a in arts.items()}, tmp)
-            halvings: list[dict[str, int]] = []
-
             def attempt(cfg: LadderConfig) -> Any:
                 run = Run(model, spec, train, test, cfg, stages, reporter)
                 if stage == "report":
-                    return _results(ctx, store, job, run, tmp, done, halvings)
+                    return _results(ctx, store, job, run, tmp, done)
                 return run.output(stage)
 
-            def halve(changed: dict[str, int]) -> None:
-                halvings.append(changed)
-                stages.notes["batch_halvings"] = halvings
+            def halve(changed: dict[str, int]) -> None:  # kept with the stage's output, shown in the report
+                stages.notes.setdefault("batch_halvings", []).append(changed)
 
             outcome = backoff.with_backoff(attempt, config, stage, device_of(model), halve)
             report, computed = None, True
