@@ -120,7 +120,12 @@ class DirectoryStore:
         path = self.directory / f"{stage}.safetensors"
         return load(path) if path.exists() else None
 
-    def save(self, stage: str, value: Any) -> None:
-        """Store the stage's output."""
+    def save(self, stage: str, value: Any, notes: dict[str, Any] | None = None) -> None:
+        """Store the stage's output, with notes on how it was made."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        save(value, self.directory / f"{stage}.safetensors")
+        save(value, self.directory / f"{stage}.safetensors", notes=notes)
+
+    def notes(self, stage: str) -> dict[str, Any]:
+        """The notes stored with the stage's output (empty if none, or no output)."""
+        path = self.directory / f"{stage}.safetensors"
+        return notes(path) if path.exists() else {}

@@ -150,7 +150,10 @@ def cmd_harden(args: argparse.Namespace) -> None:
     from services.devices import resolve
     from services.settings import get_settings
 
+    from services.method import placement
+
     device = resolve(args.device or get_settings().device)
+    placement.set_share(get_settings().gpu_data_share)
     model = build_classifier(spec, weights).to(device)
     train = conform(load_data(args.train, "training data"), spec.input_shape, spec.num_classes, "training data")
     test = conform(load_data(args.test, "test data", "t10k"), spec.input_shape, spec.num_classes, "test data") if args.test else None

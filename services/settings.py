@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # workers
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
                         description="where stages compute: auto (the first visible CUDA device, else the CPU), cpu, cuda, cuda:N")
+    gpu_data_share: float | None = Field(
+        None, ge=0, le=1, description="share of a GPU's free memory a stage's data may take on it (the rest streams "
+                                      "from pinned host memory); None = the method's default (services/method/placement.py)")
     queue: str = "ladder"
     # Redis hands an unacknowledged task out again after this. Heartbeats, not this timeout, decide who runs a stage: a
     # copy delivered while its stage still runs finds a live holder and is dropped (BUSY), so it need not outlast the

@@ -1,6 +1,7 @@
 """LADDER_DEVICE: which device stages compute on, refused in words where CUDA cannot be used; `auto` is the CPU on a
 machine without CUDA. The tests marked `cuda` need a GPU and are skipped without one."""
 
+import json
 import os
 import subprocess
 import sys
@@ -112,6 +113,17 @@ def test_a_whole_job_over_http_with_a_celery_worker_on_the_gpu(database, inputs,
         assert "stages compute on device cuda:0" in log
         for stage in STAGES:
             assert f"job {job['id']}: {stage} computes on cuda:0" in log, stage
+        assert report["determinism"]["deterministic_algorithms"], report["determinism"]
+        # the same job on the CPU: float rounding differs, so the trained models may differ by a few test points
+        (tmp_path / "config.json").write_text(_config())
+        cpu = _cli("harden", "--model", str(inputs / "model.safetensors"), "--spec", str(inputs / "spec.json"),
+                   "--train", str(inputs / "train.npz"), "--test", str(inputs / "test.npz"),
+                   "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "cpu"), "--device", "cpu")
+        assert cpu.returncode == 0, cpu.stderr
+        on_cpu = json.loads((tmp_path / "cpu" / "report.json").read_text())
+        assert on_cpu["device"]["device"] == "cpu"
+        for name, m in report["models"].items():
+            assert abs(m["clean_accuracy"] - on_cpu["models"][name]["clean_accuracy"]) <= 0.05, name  # stated: 5 points
     finally:
         worker.stop()
         server.stop()

@@ -52,6 +52,7 @@ def test_report_has_every_model_attack_and_setting(run):
     aa = report["evaluation"]["autoattack"]
     assert aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"] and aa["version"] == report["versions"]["autoattack"]
     assert set(report["stage_seconds"]) == set(STAGES)
+    assert report["determinism"] == {"deterministic_algorithms": True, "not_bit_exact": {}}  # on the CPU: every op
     assert report["config"]["finetune"]["alpha"] == 0.5 and report["seeds"]["run"] == 0
     assert report["versions"]["torch"] == torch.__version__
     assert report["generator"]["reconstruction_mse"] < report["generator"]["mean_image_mse"]

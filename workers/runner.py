@@ -28,7 +28,7 @@ from services.errors import InputError
 from services.jobs import repository, service
 from services.jobs.models import STAGES
 from services.jobs.service import Claim
-from services.method import backoff
+from services.method import backoff, placement
 from services.method.config import LadderConfig
 from services.method.models import ModelSpec, device_of, net_weights
 from services.method.pipeline import Run, split_inputs
@@ -113,8 +113,13 @@ class ArtifactStages:
             self.work_seconds = checkpoints.work_seconds(path)
         return checkpoints.load(path)
 
-    def save(self, stage: str, value: Any) -> None:
-        """Store a stage's output (only the current stage is ever computed here)."""
+    def notes(self, stage: str) -> dict[str, Any]:
+        """The notes stored with a stage's output that this store loaded or saved."""
+        return self.found_notes.get(stage, {})
+
+    def save(self, stage: str, value: Any, notes: dict[str, Any] | None = None) -> None:
+        """Store a stage's output (only the current stage is ever computed here) with its notes and this store's
+        (its batch halvings)."""
         if stage != self.stage:
             raise RuntimeError(f"stage {stage} would be computed while running {self.stage}")
         path = self.tmp / f"{stage}.safetensors"
@@ -124,8 +129,9 @@ class ArtifactStages:
             self.work_seconds = checkpoints.work_seconds(path)
         else:
             self.work_seconds = time.perf_counter() - self.started
-            checkpoints.save(value, path, seconds=self.work_seconds, notes=self.notes)
+            checkpoints.save(value, path, seconds=self.work_seconds, notes={**self.notes, **(notes or {})})
             self.saved[stage] = (key, *self.store.put(key, path))
+        self.found_notes[stage] = checkpoints.notes(path)
 
 
 class Reporter:
@@ -198,6 +204,7 @@ def _inputs(ctx: Context, store: ArtifactStore, job: Any, arts: dict[str, Any], 
     # on LADDER_DEVICE: every stage follows the model's device (resolved here, in the stage's own process: the Celery
     # parent that forks it never initialises CUDA)
     model = load_model(loaded["model"], fmt["model"]["format"], spec).to(devices.resolve(ctx.settings.device))
+    placement.set_share(ctx.settings.gpu_data_share)
     train = load_data(loaded["train_data"], fmt["train_data"]["format"], spec, "train_data")
     test = load_data(loaded["test_data"], fmt["test_data"]["format"], spec, "test_data") if "test_data" in loaded else None
     train, test = split_inputs(train, test, config, spec.num_classes)

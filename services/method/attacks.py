@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from services.method import placement
 from services.method.config import AttackConfig, AutoAttackConfig, BaselinesConfig, EvaluateConfig, JSMAConfig
 from services.method.cw import cw_l2
 from services.method.models import eval_mode
@@ -68,7 +69,7 @@ def pgd_steps(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, st
     lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
     adv = x.clone() if start is None else torch.max(torch.min(start, hi), lo)
     if random_start:
-        noise = torch.rand(x.shape, generator=gen).to(x.device) * 2 - 1
+        noise = placement.to_device(torch.rand(x.shape, generator=gen), x.device) * 2 - 1  # CPU draws: any device
         adv = torch.max(torch.min(x + eps * noise, hi), lo)
     if not early_stop:
         for _ in range(steps):
@@ -78,17 +79,24 @@ def pgd_steps(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, st
             (grad,) = torch.autograd.grad(value, a)
             adv = torch.max(torch.min(a.detach() + step * grad.sign(), hi), lo)
         return adv.detach()
+    # finished points leave the batch every `every` steps (a wait on the host, so not every step on a GPU); until
+    # then they ride along, frozen at the iterate that did it: the same result at any `every`
+    every = 1 if x.device.type == "cpu" else 8
     active = torch.arange(len(x), device=x.device)
-    for _ in range(steps):
+    stopped = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for k in range(steps):
         a = adv[active].requires_grad_()
         logits = model(a)
         value = F.cross_entropy(logits, y[active], reduction="sum") if loss is None else loss(logits)
         (grad,) = torch.autograd.grad(value, a)
-        going = logits.detach().argmax(1) == y[active]  # misclassified points keep the iterate that did it
-        active, moved = active[going], (a.detach() + step * grad.sign())[going]
-        if len(active) == 0:
-            break
-        adv[active] = torch.max(torch.min(moved, hi[active]), lo[active])
+        going = (logits.detach().argmax(1) == y[active]) & ~stopped[active]  # misclassified: keep this iterate
+        stopped[active] = ~going
+        moved = torch.max(torch.min(a.detach() + step * grad.sign(), hi[active]), lo[active])
+        adv[active] = torch.where(going.view(-1, *[1] * (x.dim() - 1)), moved, a.detach())
+        if k % every == every - 1:
+            active = active[~stopped[active]]
+            if len(active) == 0:
+                break
     return adv.detach()
 
 
@@ -291,10 +299,11 @@ def craft(name: str, model: nn.Module, x: Tensor, y: Tensor, cfg: EvaluateConfig
     if name == "autoattack":
         settings = AutoAttackRun(cfg.autoattack, cfg.attack.eps, warnings if warnings is not None else [])
     device = next(model.parameters()).device
-    xs, ys = x[rows], y[rows]
+    xs, ys = placement.inputs(device, x[rows], y[rows])
     step = cfg.batch_size if attack.batched else len(xs)
-    out = []
+    out = placement.Gather(device)
     for i in range(0, len(xs), step):
-        t = None if target is None else target[i : i + step].to(device)
-        out.append(attack.fn(model, xs[i : i + step].to(device), ys[i : i + step].to(device), t, settings, gen).cpu())
-    return Crafted(torch.cat(out) if out else xs[:0], rows, target, params)
+        part = slice(i, i + step)
+        t = None if target is None else placement.batch(target, part, device)
+        out.add(attack.fn(model, placement.batch(xs, part, device), placement.batch(ys, part, device), t, settings, gen))
+    return Crafted(out.result(xs[:0].cpu()), rows, target, params)

@@ -208,6 +208,10 @@ class LadderConfig(_Section):
     latent_layer: str | None = Field(None, description="overrides the spec's latent_layer")
     variants: list[Variant] = Field([], description="models trained besides vanilla, control and ladder")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified hold-out when no test data is given")
+    precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "fp32", description="arithmetic of generator training and fine-tuning steps: fp32; tf32 (TF32 matmuls and "
+                            "convolutions, GPUs only); bf16 (bf16 autocast, also on the CPU). Attacks and evaluation "
+                            "stay fp32. fp32 is the default until a GPU benchmark shows the others keep accuracy")
     boundary: BoundaryConfig = BoundaryConfig()
     generator: GeneratorConfig = GeneratorConfig()
     perturb: PerturbConfig = PerturbConfig()

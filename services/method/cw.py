@@ -77,19 +77,19 @@ def cw_l2(model: nn.Module, x: Tensor, y: Tensor, cfg: CWConfig, gen: torch.Gene
             with torch.no_grad():
                 pred = logits.argmax(1)
                 ok = (margin >= kappa) & ((pred == lab) if targeted else (pred != lab))
-                succeeded[rows[ok]] = True
+                # masked updates at integer rows: no boolean indexing, so no wait on the GPU every step
+                succeeded[rows] = succeeded[rows] | ok
                 better = ok & (l2 < best_l2[rows])
-                best_l2[rows[better]] = l2[better]
-                best[rows[better]] = adv[better].detach()
+                best_l2[rows] = torch.where(better, l2, best_l2[rows])
+                best[rows] = torch.where(better.view(-1, *[1] * (x.dim() - 1)), adv.detach(), best[rows])
 
-                keep = torch.ones_like(ok)
-                if i % every == 0:
+                if i % every == 0:  # the only step that can drop samples, and the only wait on the host
                     keep = loss < prev[rows] * ABORT_TOLERANCE
                     prev[rows] = loss
-                if not keep.all():
-                    rows, grad = rows[keep], grad[keep]
-                    if len(rows) == 0:
-                        break
+                    if not keep.all():
+                        rows, grad = rows[keep], grad[keep]
+                        if len(rows) == 0:
+                            break
                 t = i + 1
                 mi = m[rows] * b1 + (1 - b1) * grad
                 vi = v[rows] * b2 + (1 - b2) * grad.square()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from services.method import placement
 from services.method.attacks import attack_params, craft
 from services.method.config import TRAINED_ON, EvaluateConfig
 from services.method.models import eval_mode
@@ -39,11 +40,13 @@ class Examples:
 def correct_rows(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> Tensor:
     """Per row of x: does the model predict y (eval mode, restored)."""
     device = next(model.parameters()).device
-    out = []
+    x, y = placement.inputs(device, x, y)
+    out = placement.Gather(device)
     with eval_mode(model):
         for i in range(0, len(x), batch_size):
-            out.append(model(x[i : i + batch_size].to(device)).argmax(1).cpu() == y[i : i + batch_size])
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+            rows = slice(i, i + batch_size)
+            out.add(model(placement.batch(x, rows, device)).argmax(1) == placement.batch(y, rows, device))
+    return out.result(torch.zeros(0, dtype=torch.bool))
 
 
 def per_point(correct: Tensor, point: Tensor, n: int) -> Tensor:

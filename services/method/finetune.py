@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from services.method import numerics, placement
 from services.method.config import LRSchedule
 from services.method.models import eval_mode
-from services.method.progress import Progress, silent
+from services.method.progress import Every, Progress, silent
 
 Craft = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -44,12 +45,14 @@ def fit(
     schedule: LRSchedule = "constant",
     stage: str = "finetune",
     progress: Progress = silent,
+    precision: str = "fp32",
 ) -> list[float]:
     """Train `model` in place with SGD for `epochs` passes over (x, y); returns the mean loss per epoch.
 
     The loss is α·L(x, y) + (1 − α)·CE(f(x̂), y), x̂ from `extra` (a generated set) or `craft` (made per
     batch). L is CE, or with `trades = (β, craft)` TRADES' CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' crafted
-    per batch. α = 0 drops the clean term (PGD-AT as in Madry et al.). `schedule`: the learning rate stays at
+    per batch. α = 0 drops the clean term (PGD-AT as in Madry et al.). `precision` (numerics.training) applies to
+    the step's forward and backward, not to the crafting of x̂ or x'. `schedule`: the learning rate stays at
     `lr` ("constant", the paper's) or follows a cosine from `lr` towards 0 over all steps ("cosine": step k of K takes lr·½(1 + cos(πk/K))).
     """
     if alpha < 1 and (extra is None) == (craft is None):
@@ -62,15 +65,19 @@ def fit(
     batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     steps = math.ceil(len(x) / batch_size)
+    x, y = placement.inputs(device, x, y)
+    if extra is not None:
+        extra = placement.inputs(device, *extra)
     extra_order, extra_at = None, 0
     history = []
     for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        total = 0.0
+        order = torch.randperm(len(x), generator=gen).to(x.device)  # the CPU generator's draws, on any device
+        total = torch.zeros((), dtype=torch.float64, device=device)  # summed where the loss is: no wait per step
+        report = Every()
         model.train()
         for i in range(steps):
             idx = order[i * batch_size : (i + 1) * batch_size]
-            xb, yb = x[idx].to(device), y[idx].to(device)
+            xb, yb = placement.batch(x, idx, device), placement.batch(y, idx, device)
             parts = [xb] if alpha > 0 else []
             if alpha > 0 and trades is not None:
                 parts.append(trades[1](model, xb, yb))
@@ -79,32 +86,34 @@ def fit(
                     xa, ya = craft(model, xb, yb), yb
                 else:
                     if extra_order is None or extra_at + len(idx) > len(extra_order):
-                        extra_order, extra_at = torch.randperm(len(extra[0]), generator=gen), 0
+                        extra_order, extra_at = torch.randperm(len(extra[0]), generator=gen).to(extra[0].device), 0
                     j = extra_order[extra_at : extra_at + len(idx)]
                     extra_at += len(idx)
-                    xa, ya = extra[0][j].to(device), extra[1][j].to(device)
+                    xa, ya = placement.batch(extra[0], j, device), placement.batch(extra[1], j, device)
                 parts.append(xa)
-            if batchnorm:  # BatchNorm statistics per kind of input, as TRADES' reference code does
-                logits = [model(p) for p in parts]
-            else:  # one pass: the same numbers, faster
-                logits = model(torch.cat(parts)).split([len(p) for p in parts])
-            loss = logits[0].new_zeros(())
-            if alpha > 0:
-                clean = F.cross_entropy(logits[0], yb)
-                if trades is not None:
-                    clean = clean + trades[0] * kl_divergence(logits[0], logits[1])
-                loss = loss + alpha * clean
-            if alpha < 1:
-                loss = loss + (1 - alpha) * F.cross_entropy(logits[-1], ya)
             if schedule == "cosine":
                 for group in opt.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + i) / (epochs * steps)))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with numerics.training(precision, device):
+                if batchnorm:  # BatchNorm statistics per kind of input, as TRADES' reference code does
+                    logits = [model(p) for p in parts]
+                else:  # one pass: the same numbers, faster
+                    logits = model(torch.cat(parts)).split([len(p) for p in parts])
+                loss = logits[0].new_zeros((), dtype=torch.float32)
+                if alpha > 0:
+                    clean = F.cross_entropy(logits[0], yb)
+                    if trades is not None:
+                        clean = clean + trades[0] * kl_divergence(logits[0], logits[1])
+                    loss = loss + alpha * clean
+                if alpha < 1:
+                    loss = loss + (1 - alpha) * F.cross_entropy(logits[-1], ya)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             opt.step()
-            total += loss.item()
-            progress(stage, (epoch + (i + 1) / steps) / epochs, {"loss": total / (i + 1)})
-        history.append(total / steps)
+            total += loss.detach()
+            if i == steps - 1 or report():
+                progress(stage, (epoch + (i + 1) / steps) / epochs, {"loss": total.item() / (i + 1)})
+        history.append(total.item() / steps)
     model.eval()
     return history
 
@@ -113,8 +122,10 @@ def fit(
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
     """Fraction of (x, y) the model classifies correctly, in eval mode (the mode is restored)."""
     device = next(model.parameters()).device
-    correct = 0
+    x, y = placement.inputs(device, x, y)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     with eval_mode(model):
         for i in range(0, len(x), batch_size):
-            correct += (model(x[i : i + batch_size].to(device)).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
-    return correct / max(len(x), 1)
+            rows = slice(i, i + batch_size)
+            correct += (model(placement.batch(x, rows, device)).argmax(1) == placement.batch(y, rows, device)).sum()
+    return int(correct) / max(len(x), 1)

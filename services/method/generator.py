@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from services.errors import InputError
+from services.method import numerics, placement
 from services.method.config import GeneratorConfig
 from services.method.models import device_of, eval_mode
 from services.method.progress import Progress, silent
@@ -93,16 +94,20 @@ def _loss(kind: str, pred: Tensor, x: Tensor) -> Tensor:
 @torch.no_grad()
 def _evaluate(g: Generator, z: Tensor, x: Tensor, kind: str, batch_size: int) -> float:
     dev = device_of(g)
-    total = sum(_loss(kind, g(z[i : i + batch_size].to(dev)), x[i : i + batch_size].to(dev)).item() * len(z[i : i + batch_size])
-                for i in range(0, len(z), batch_size))
-    return total / len(z)
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    for i in range(0, len(z), batch_size):
+        rows = slice(i, i + batch_size)
+        zb, xb = placement.batch(z, rows, dev), placement.batch(x, rows, dev)
+        total += _loss(kind, g(zb), xb) * len(zb)
+    return total.item() / len(z)
 
 
 def train_generator(
     z: Tensor, x: Tensor, cfg: GeneratorConfig, seed: int, progress: Progress = silent, device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> GeneratorFit:
     """Train G on (z, x) pairs: z (N, D) latents of the images x (N, C, H, W), on `device` (the weights it keeps
-    are on the CPU)."""
+    are on the CPU), its steps at `precision` (numerics.training; held-out losses in fp32)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     shape = tuple(x.shape[1:])
@@ -110,19 +115,24 @@ def train_generator(
     order = torch.randperm(len(z), generator=gen)
     n_hold = max(1, int(len(z) * cfg.holdout_fraction))
     hold, train = order[:n_hold], order[n_hold:]
+    device = torch.device(device)
     g = Generator(z.shape[1], shape, preset).to(device)
     g.scale.fill_(z[train].pow(2).mean().sqrt().clamp_min(1e-12))
+    z, x = placement.inputs(device, z, x)
+    train, hold = train.to(z.device), hold.to(z.device)
     opt = torch.optim.Adam(g.parameters(), lr=cfg.lr)
     best, best_state, since_best, history = float("inf"), None, 0, []
     started, stopped, epoch = time.perf_counter(), "max_epochs", 0
     for epoch in range(1, cfg.max_epochs + 1):
         g.train()
-        perm = train[torch.randperm(len(train), generator=gen)]
+        perm = train[torch.randperm(len(train), generator=gen).to(train.device)]
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            loss = _loss(cfg.loss, g(z[idx].to(device)), x[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            zb, xb = placement.batch(z, idx, device), placement.batch(x, idx, device)
+            with numerics.training(precision, device):
+                loss = _loss(cfg.loss, g(zb).float(), xb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             opt.step()
         g.eval()
         held = _evaluate(g, z[hold], x[hold], cfg.loss, 1024)
@@ -139,7 +149,7 @@ def train_generator(
         if elapsed >= cfg.time_budget_s:
             stopped = "time_budget"
             break
-    return GeneratorFit(best_state, preset, z.shape[1], list(shape), epoch, stopped, history, hold)
+    return GeneratorFit(best_state, preset, z.shape[1], list(shape), epoch, stopped, history, hold.cpu())
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 import torch
 from torch import Tensor
 
+from services.method import placement
 from services.method.models import LatentSplit, eval_mode
 from services.method.progress import Progress, silent
 
@@ -11,9 +12,10 @@ from services.method.progress import Progress, silent
 def extract_latents(split: LatentSplit, x: Tensor, batch_size: int = 512, progress: Progress = silent) -> Tensor:
     """Φ(x) for every image, in eval mode, batched; x: (N, C, H, W) in [0,1] → (N, D)."""
     device = next(split.parameters()).device
-    out = []
+    (x,) = placement.inputs(device, x)
+    out = placement.Gather(device)
     with eval_mode(split):
         for i in range(0, len(x), batch_size):
-            out.append(split.features(x[i : i + batch_size].to(device)).cpu())
+            out.add(split.features(placement.batch(x, slice(i, i + batch_size), device)))
             progress("latents", min(1.0, (i + batch_size) / len(x)), {})
-    return torch.cat(out)
+    return out.result()

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from services.method import placement
 from services.method.boundary import Boundary
 from services.method.models import device_of, eval_mode
 from services.method.progress import Progress, silent
@@ -137,17 +138,19 @@ def generate(
     """x̂ = G(z + ε·step) for every sample and ε, as batched forward passes of G on its device (the examples
     come back on the CPU)."""
     n = len(z)
-    xs, flips = [], []
     g_dev, f_dev = device_of(generator), device_of(classifier)
+    zd, sd, td = placement.inputs(g_dev, z, step, t)
+    xs, flips = placement.Gather(g_dev), []
     with eval_mode(generator), eval_mode(classifier):
         for k, e in enumerate(eps):
-            flipped = checked = 0
+            flipped, checked = torch.zeros((), dtype=torch.int64, device=f_dev), 0
             for i in range(0, n, batch_size):
-                x = generator((z[i : i + batch_size] + e * step[i : i + batch_size]).to(g_dev))
+                rows = slice(i, i + batch_size)
+                x = generator(placement.batch(zd, rows, g_dev) + e * placement.batch(sd, rows, g_dev))
                 if checked < _FLIP_CHECKS:  # a sample of each ε is enough for the rate; keeps generation at G's speed
-                    flipped += (classifier(x.to(f_dev)).argmax(1).cpu() == t[i : i + batch_size]).sum().item()
+                    flipped += (classifier(x.to(f_dev)).argmax(1) == placement.batch(td, rows, f_dev)).sum()
                     checked += len(x)
-                xs.append(x.cpu())
+                xs.add(x)
                 progress("adversarial", (k * n + i + len(x)) / (len(eps) * n), {})
-            flips.append(flipped / checked)
-    return Adversarial(torch.cat(xs), y.repeat(len(eps)), t.repeat(len(eps)), list(eps), flips)
+            flips.append(int(flipped) / checked)
+    return Adversarial(xs.result(), y.repeat(len(eps)), t.repeat(len(eps)), list(eps), flips)

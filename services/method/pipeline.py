@@ -22,6 +22,7 @@ import services
 from services import devices
 from services.datasets import ImageData, balanced_order, require_every_class, stratified_split
 from services.errors import InputError
+from services.method import numerics
 from services.method.boundary import fit_boundary
 from services.method.attacks import autoattack_info, training_attack
 from services.method.config import LADDER_VARIANTS, FinetuneConfig, LadderConfig
@@ -42,11 +43,14 @@ VARIANT_DIRECTIONS = {"ladder": "boundary", "ladder_random": "random", "ladder_c
 
 
 class StageStore(Protocol):
-    """Where stage outputs live between stages; `load` answers None for a stage not yet done."""
+    """Where stage outputs live between stages; `load` answers None for a stage not yet done. `notes` are how an
+    output was made (e.g. the ops that kept it from being bit-exact), kept beside it."""
 
     def load(self, stage: str) -> Any | None: ...
 
-    def save(self, stage: str, value: Any) -> None: ...
+    def save(self, stage: str, value: Any, notes: dict[str, Any] | None = None) -> None: ...
+
+    def notes(self, stage: str) -> dict[str, Any]: ...
 
 
 class MemoryStore:
@@ -54,14 +58,20 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.values: dict[str, Any] = {}
+        self.kept_notes: dict[str, dict[str, Any]] = {}
 
     def load(self, stage: str) -> Any | None:
         """The stage's output, or None."""
         return self.values.get(stage)
 
-    def save(self, stage: str, value: Any) -> None:
+    def save(self, stage: str, value: Any, notes: dict[str, Any] | None = None) -> None:
         """Keep the stage's output."""
         self.values[stage] = value
+        self.kept_notes[stage] = notes or {}
+
+    def notes(self, stage: str) -> dict[str, Any]:
+        """The notes saved with the stage's output."""
+        return self.kept_notes.get(stage, {})
 
 
 @dataclass
@@ -145,6 +155,7 @@ class Run:
         self.device = device_of(model)
         self.seconds: dict[str, float] = {}
         self._values: dict[str, Any] = {}
+        numerics.setup()
         model.eval()
         self.split = prepare(model, spec, config.latent_layer)
         resolve_preset(config.generator.preset, spec.input_shape)  # refuse a preset that cannot fit before any work
@@ -158,8 +169,9 @@ class Run:
         if value is None:
             inputs = [self.output(s) for s in STAGES[:STAGES.index(name)]]  # earlier stages first, timed on their own
             started = time.perf_counter()
-            value = getattr(self, f"_{name}")(*inputs)
-            self.store.save(name, value)
+            with numerics.watch() as nondeterministic:
+                value = getattr(self, f"_{name}")(*inputs)
+            self.store.save(name, value, {"not_bit_exact": nondeterministic} if nondeterministic else None)
         self.seconds[name] = time.perf_counter() - started  # a stored stage: the time to load it
         self.progress(name, 1.0, {})
         self._values[name] = value
@@ -174,7 +186,7 @@ class Run:
 
     def _generator(self, z: Tensor, boundary: Any) -> Any:
         return train_generator(z, self.train.x, self.cfg.generator, stage_seed(self.cfg.seed, "generator"), self.progress,
-                               self.device)
+                               self.device, self.cfg.precision)
 
     def sources(self, z: Tensor, boundary: Any, variants: list[str]) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """The adversarial stage's inputs: source latents and labels (`perturb.samples_per_class` per class, classes
@@ -246,7 +258,8 @@ class Run:
         f, train = finetune or self.cfg.finetune, self.train
         m = copy.deepcopy(self.model)
         history = fit(m, train.x, train.y, epochs=f.epochs, lr=f.lr, momentum=f.momentum, batch_size=f.batch_size,
-                      schedule=f.lr_schedule, seed=stage_seed(self.cfg.seed, "finetune"), **how, progress=progress)
+                      schedule=f.lr_schedule, seed=stage_seed(self.cfg.seed, "finetune"), **how, progress=progress,
+                      precision=self.cfg.precision)
         return net_weights(m), history
 
     def models(self) -> dict[str, Classifier]:
@@ -355,6 +368,10 @@ class Run:
             "latent": {"layer": split.layer, "dim": split.dim},
             "stage_seconds": stage_seconds if stage_seconds is not None else self.seconds,
             "stage_reused_seconds": reused_seconds or {},
+            "determinism": {  # numerics.setup; a stage that used an op torch has no deterministic version of is named
+                "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                "not_bit_exact": {s: ops for s in STAGES if (ops := self.store.notes(s).get("not_bit_exact"))},
+            },
             "boundary": {
                 "pairs": len(boundary.pairs),
                 "train_accuracy_mean": boundary.train_accuracy.mean().item(),
