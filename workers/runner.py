@@ -92,7 +92,7 @@ class ArtifactStages:
         self.found_current = False
         self.work_seconds: float | None = None  # of the current stage: measured here, or read from a stored output
         self.started = time.perf_counter()
-        self.notes: dict[str, Any] = {}  # written with the current stage's output (its batch halvings)
+        self.current_notes: dict[str, Any] = {}  # written with the current stage's output (its batch halvings)
         self.found_notes: dict[str, dict[str, Any]] = {}  # read from each stage's stored output
 
     def load(self, stage: str) -> Any | None:
@@ -129,7 +129,7 @@ class ArtifactStages:
             self.work_seconds = checkpoints.work_seconds(path)
         else:
             self.work_seconds = time.perf_counter() - self.started
-            checkpoints.save(value, path, seconds=self.work_seconds, notes={**self.notes, **(notes or {})})
+            checkpoints.save(value, path, seconds=self.work_seconds, notes={**self.current_notes, **(notes or {})})
             self.saved[stage] = (key, *self.store.put(key, path))
         self.found_notes[stage] = checkpoints.notes(path)
 
@@ -224,7 +224,7 @@ def _results(ctx: Context, store: ArtifactStore, job: Any, run: Run, tmp: Path,
         key = f"jobs/{job.id}/results/{name}.safetensors"
         artifacts["model" if name == "ladder" else f"model.{name}"] = (key, *store.put(key, path))
     report = run.report({k: work for k, (work, _) in done.items()}, {k: re for k, (_, re) in done.items() if re is not None})
-    notes = {**run.store.found_notes, "report": run.store.notes}  # the earlier stages' outputs, and this stage's own
+    notes = {**run.store.found_notes, "report": run.store.current_notes}  # the earlier stages' outputs, and this stage's own
     report["memory_backoff"] = {s: n["batch_halvings"] for s, n in notes.items() if n.get("batch_halvings")}
     html = run.html(report)
     if html is not None:  # a page that failed to render is logged; the job keeps its weights and report
@@ -282,7 +282,7 @@ def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
                 return run.output(stage)
 
             def halve(changed: dict[str, int]) -> None:  # kept with the stage's output, shown in the report
-                stages.notes.setdefault("batch_halvings", []).append(changed)
+                stages.current_notes.setdefault("batch_halvings", []).append(changed)
 
             outcome = backoff.with_backoff(attempt, config, stage, device_of(model), halve)
             report, computed = None, True
