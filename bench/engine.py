@@ -1,9 +1,15 @@
-"""Engine benchmark: LADDER against PGD adversarial training on mnist5k, LeNet, CPU, 2 threads.
+"""Engine benchmark: LADDER against PGD adversarial training on mnist5k, LeNet, CPU, 2 threads;
+and the same job through the embedded service against `ladder harden`.
 
 For each seed, in one process run:
 1. train a vanilla LeNet for 10 epochs (the paper's recipe) on 4,000 mnist5k digits;
-2. time the whole `ladder harden` command (default configuration, basic evaluation) as a
+2. time the whole `ladder harden` command (the default configuration with the seed) as a
    subprocess, exactly as a user runs it, and read its report;
+2b. run the same job (same weights, spec, train/test data and config file) through the embedded
+   `ladder serve` over HTTP (bench/service_job.py), timed from the upload to the downloaded report;
+   the server starts fresh for it and its start-up is recorded apart. The CLI runs first on even
+   seeds, the service on odd ones. Both reports must give the same accuracies (same seed, CPU),
+   else the script exits with an error after writing its results;
 3. fine-tune the same vanilla weights with PGD-AT (Madry: L∞ ε = 0.3, 10 steps of 2.5ε/10,
    random start, adversarial loss only) for the same epochs, batch size and learning rate;
 4. evaluate PGD-AT against the same surrogate and the same transfer examples as the report
@@ -12,11 +18,13 @@ For each seed, in one process run:
 
 Writes bench/results/engine.json and prints a markdown summary for docs/benchmarks.md.
 Run:  .venv/bin/python bench/engine.py [--seeds 0 1 2] [--config '{"finetune": {"alpha": 0.75}}' --out FILE]
+Needs nothing running: the embedded server keeps its state (SQLite, artifacts) in the run's temp folder.
 """
 
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -28,17 +36,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from services.checkpoints import DirectoryStore
-from services.datasets import mnist5k, save_npz, stratified_split
-from services.method.attacks import pgd
-from services.method.config import AttackConfig, LadderConfig
-from services.method.evaluate import evaluate
-from services.method.finetune import accuracy, fit
-from services.method.models import ModelSpec, build_classifier, net_weights
-from services.method.perturb import directions, generate, random_targets
-from services.method.pipeline import evaluation_points, stage_seed, train_surrogate
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench.service_job and tests.harness, when run as a script
+
+from bench import service_job  # noqa: E402
+from services.checkpoints import DirectoryStore  # noqa: E402
+from services.datasets import mnist5k, save_npz, stratified_split  # noqa: E402
+from services.method.attacks import pgd  # noqa: E402
+from services.method.config import AttackConfig, LadderConfig  # noqa: E402
+from services.method.evaluate import evaluate  # noqa: E402
+from services.method.finetune import accuracy, fit  # noqa: E402
+from services.method.models import ModelSpec, build_classifier, net_weights  # noqa: E402
+from services.method.perturb import directions, generate, random_targets  # noqa: E402
+from services.method.pipeline import evaluation_points, stage_seed, train_surrogate  # noqa: E402
+
 SPEC = ModelSpec(architecture="lenet", num_classes=10, input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081])
 LADDER_STAGES = ("latents", "boundary", "generator", "adversarial")
 
@@ -66,6 +77,45 @@ def _throughput(run_dir: Path, report: dict, model, train, seed: int) -> dict:
     return {"images": n, "generation_per_s": n / generation, "forward_per_s": n / forward, "ratio": forward / generation}
 
 
+# Both children get the same threads and device whatever the shell set: the ratio compares the code paths only.
+CHILD_ENV = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "LADDER_DEVICE": "cpu"}
+
+
+def run_cli(run: Path, files: dict) -> dict:
+    """The whole `ladder harden` command as a subprocess, as a user runs it: its wall time (Python start-up
+    included) and its report."""
+    started = time.perf_counter()
+    subprocess.run(
+        [str(ROOT / ".venv/bin/ladder"), "harden", "--model", str(files["model"]), "--spec", str(files["spec"]),
+         "--train", str(files["train"]), "--test", str(files["test"]), "--config", str(files["config"]),
+         "--out", str(run / "out")],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **CHILD_ENV}, cwd=ROOT,
+    )
+    return {"seconds": time.perf_counter() - started, "report": json.loads((run / "out/report.json").read_text())}
+
+
+def run_service(run: Path, files: dict) -> dict:
+    """The same files through a fresh embedded `ladder serve` over HTTP: its start-up (until /readyz answers) apart
+    from the job's wall time (upload to downloaded report); the report. Fails loudly if the job does not succeed."""
+    started = time.perf_counter()
+    server, key = service_job.start_embedded(CHILD_ENV, run / "service-data", run / "serve.log")
+    start_seconds = time.perf_counter() - started
+    try:
+        job = service_job.run_job(server.url, key, files, run / "service-out")
+    finally:
+        server.stop()
+    if not job["finished"]:
+        raise RuntimeError(f"the service job did not finish: {job.get('why')}\n{server.tail()}")
+    return {"seconds": job["wall_seconds"], "server_start_seconds": start_seconds, "report": job["report"]}
+
+
+def _accuracies(report: dict) -> dict:
+    """Every model's clean and per-attack accuracy, as "setting_attack" keys."""
+    return {name: {"clean": m["clean_accuracy"], **{f"{s}_{a}": r["accuracy"] for s, attacks in m["attacks"].items()
+                                                    for a, r in attacks.items()}}
+            for name, m in report["models"].items()}
+
+
 def run_seed(seed: int, work: Path, overrides: dict) -> dict:
     """Everything for one seed; returns its raw numbers."""
     train, test = stratified_split(mnist5k(), 0.2, 0)
@@ -74,21 +124,24 @@ def run_seed(seed: int, work: Path, overrides: dict) -> dict:
     fit(vanilla, train.x, train.y, epochs=10, lr=0.01, momentum=0.5, batch_size=64, seed=seed)
     run = work / f"seed{seed}"
     run.mkdir(parents=True)
-    save_file(net_weights(vanilla), str(run / "vanilla.safetensors"))
-    (run / "spec.json").write_text(SPEC.model_dump_json())
-    save_npz(train, run / "train.npz")
-    save_npz(test, run / "test.npz")
+    files = {"model": run / "vanilla.safetensors", "spec": run / "spec.json", "train": run / "train.npz",
+             "test": run / "test.npz", "config": run / "config.json"}
+    save_file(net_weights(vanilla), str(files["model"]))
+    files["spec"].write_text(SPEC.model_dump_json())
+    save_npz(train, files["train"])
+    save_npz(test, files["test"])
     config = LadderConfig.model_validate({**overrides, "seed": seed})
-    (run / "config.json").write_text(config.model_dump_json())
-    started = time.perf_counter()
-    subprocess.run(
-        [str(ROOT / ".venv/bin/ladder"), "harden", "--model", str(run / "vanilla.safetensors"), "--spec", str(run / "spec.json"),
-         "--train", str(run / "train.npz"), "--test", str(run / "test.npz"), "--config", str(run / "config.json"),
-         "--out", str(run / "out")],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    harden_seconds = time.perf_counter() - started
-    report = json.loads((run / "out/report.json").read_text())
+    files["config"].write_text(config.model_dump_json())
+    # alternate the order, so whatever the first run warms (page cache, CPU clocks) favours neither side on average
+    first = "cli" if seed % 2 == 0 else "service"
+    if first == "cli":
+        cli, service = run_cli(run, files), run_service(run, files)
+    else:
+        service, cli = run_service(run, files), run_cli(run, files)
+    harden_seconds, report = cli["seconds"], cli["report"]
+    service_stages = service["report"]["stage_seconds"]
+    # the stages both reports timed; their sums compare the work itself, without uploads, polls or start-up
+    common = [k for k in report["stage_seconds"] if k in service_stages]
 
     f = config.finetune
     attack = AttackConfig(eps=0.3, pgd_steps=10, pgd_early_stop=False)  # training: every step
@@ -108,10 +161,21 @@ def run_seed(seed: int, work: Path, overrides: dict) -> dict:
 
     ladder_seconds = sum(report["stage_seconds"][s] for s in LADDER_STAGES) + report["finetune"]["seconds"]["ladder"]
     models = {**report["models"], **pgd_at_eval}
+    cli_acc, service_acc = _accuracies(report), _accuracies(service["report"])
     return {
         "seed": seed,
         "harden_seconds": harden_seconds,
+        "first": first,
+        "service_job_seconds": service["seconds"],
+        "service_server_start_seconds": service["server_start_seconds"],
+        "service_vs_cli_cpu": service["seconds"] / harden_seconds,
+        "service_vs_cli_stage_sum": sum(service_stages[k] for k in common) / sum(report["stage_seconds"][k] for k in common),
+        "compared_stages": common,
+        "reports_agree": cli_acc == service_acc,
+        # kept only when they differ: the evidence for main()'s error
+        **({} if cli_acc == service_acc else {"service_models": service_acc}),
         "stage_seconds": report["stage_seconds"],
+        "service_stage_seconds": service_stages,
         "finetune_seconds": report["finetune"]["seconds"],
         "ladder_seconds": ladder_seconds,
         "pgd_at_seconds": pgd_at_seconds,
@@ -120,10 +184,7 @@ def run_seed(seed: int, work: Path, overrides: dict) -> dict:
         "generator": report["generator"],
         "calibration": report["calibration"]["table"],
         "surrogate": report["surrogate"],
-        "models": {
-            name: {"clean": m["clean_accuracy"], **{f"{s}_{a}": r["accuracy"] for s, attacks in m["attacks"].items() for a, r in attacks.items()}}
-            for name, m in models.items()
-        },
+        "models": _accuracies({"models": models}),
     }
 
 
@@ -139,21 +200,25 @@ def summarise(runs: list[dict]) -> dict:
     pgd_delta = pts(lambda r: r["models"]["ladder"]["blackbox_pgd"] - r["models"]["control"]["blackbox_pgd"])
     models = {name: {k: _stats([r["models"][name][k] for r in runs]) for k in runs[0]["models"][name]}
               for name in runs[0]["models"]}
+    per_run = {
+        "harden_seconds": [r["harden_seconds"] for r in runs],
+        "service_job_seconds": [r["service_job_seconds"] for r in runs],
+        "service_vs_cli_cpu": [r["service_vs_cli_cpu"] for r in runs],
+        "service_vs_cli_stage_sum": [r["service_vs_cli_stage_sum"] for r in runs],
+        "service_server_start_seconds": [r["service_server_start_seconds"] for r in runs],
+        "ladder_vs_pgd_at_time_ratio": [r["ladder_vs_pgd_at_time_ratio"] for r in runs],
+        "generation_vs_forward_throughput": [r["throughput"]["ratio"] for r in runs],
+        "clean_accuracy_delta_vs_control": clean_delta,
+        "transfer_pgd_accuracy_delta_vs_control": pgd_delta,
+    }
     return {
-        "harden_seconds": statistics.fmean(r["harden_seconds"] for r in runs),
-        "ladder_vs_pgd_at_time_ratio": statistics.fmean(r["ladder_vs_pgd_at_time_ratio"] for r in runs),
-        "generation_vs_forward_throughput": statistics.fmean(r["throughput"]["ratio"] for r in runs),
-        "clean_accuracy_delta_vs_control": statistics.fmean(clean_delta),
-        "transfer_pgd_accuracy_delta_vs_control": statistics.fmean(pgd_delta),
-        "spread": {
-            "harden_seconds": _stats([r["harden_seconds"] for r in runs]),
-            "ladder_vs_pgd_at_time_ratio": _stats([r["ladder_vs_pgd_at_time_ratio"] for r in runs]),
-            "generation_vs_forward_throughput": _stats([r["throughput"]["ratio"] for r in runs]),
-            "clean_accuracy_delta_vs_control": _stats(clean_delta),
-            "transfer_pgd_accuracy_delta_vs_control": _stats(pgd_delta),
-        },
+        **{k: statistics.fmean(v) for k, v in per_run.items()},
+        "reports_agree": all(r["reports_agree"] for r in runs),
+        "spread": {k: _stats(v) for k, v in per_run.items()},
         "models": models,
         "stage_seconds": {s: _stats([r["stage_seconds"][s] for r in runs]) for s in runs[0]["stage_seconds"]},
+        "service_stage_seconds": {s: _stats([r["service_stage_seconds"][s] for r in runs])
+                                  for s in runs[0]["service_stage_seconds"]},
     }
 
 
@@ -164,6 +229,10 @@ def markdown(summary: dict) -> str:
     lines = [
         "| measure | mean ± std over seeds |", "|---|---|",
         f"| whole `ladder harden`, seconds | {f('harden_seconds')} |",
+        f"| same job through the embedded service (upload → downloaded report), seconds | {f('service_job_seconds')} |",
+        f"| service / `ladder harden` wall time (target ≤ 1.1) | {f('service_vs_cli_cpu')} |",
+        f"| service / `ladder harden`, sum of the report's stage times | {f('service_vs_cli_stage_sum')} |",
+        f"| embedded server start-up (not in the job's time), seconds | {f('service_server_start_seconds')} |",
         f"| LADDER / PGD-AT wall time | {f('ladder_vs_pgd_at_time_ratio')} |",
         f"| generation / pure G forward throughput | {f('generation_vs_forward_throughput')} |",
         f"| LADDER − control, clean accuracy (points) | {f('clean_accuracy_delta_vs_control')} |",
@@ -174,8 +243,11 @@ def markdown(summary: dict) -> str:
         cell = lambda k: f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}"  # noqa: E731
         lines.append(f"| {name} | {cell('clean')} | {cell('blackbox_fgsm')} | {cell('blackbox_pgd')} | "
                      f"{cell('whitebox_fgsm')} | {cell('whitebox_pgd')} |")
-    lines += ["", "| stage | seconds (mean ± std) |", "|---|---|"]
-    lines += [f"| {k} | {v['mean']:.1f} ± {v['std']:.1f} |" for k, v in summary["stage_seconds"].items()]
+    lines += ["", "| stage | `ladder harden` seconds | service seconds |", "|---|---|---|"]
+    service = summary["service_stage_seconds"]
+    cell = lambda v: "n/a" if v is None else f"{v['mean']:.1f} ± {v['std']:.1f}"  # noqa: E731
+    for k in [*summary["stage_seconds"], *(k for k in service if k not in summary["stage_seconds"])]:
+        lines.append(f"| {k} | {cell(summary['stage_seconds'].get(k))} | {cell(service.get(k))} |")
     return "\n".join(lines)
 
 
@@ -191,18 +263,28 @@ def main() -> None:
         runs = []
         for seed in args.seeds:
             runs.append(run_seed(seed, Path(tmp), args.config))
-            print(f"seed {seed}: harden {runs[-1]['harden_seconds']:.0f}s", file=sys.stderr, flush=True)
+            r = runs[-1]
+            print(f"seed {seed}: harden {r['harden_seconds']:.0f}s, service {r['service_job_seconds']:.0f}s "
+                  f"(×{r['service_vs_cli_cpu']:.3f}, {r['first']} first), reports agree: {r['reports_agree']}",
+                  file=sys.stderr, flush=True)
     summary = summarise(runs)
     result = {
         "command": " ".join(["python bench/engine.py --seeds", *map(str, args.seeds)]
                             + ([f"--config '{json.dumps(args.config)}'"] if args.config else [])),
+        "date": time.strftime("%Y-%m-%d"),
         "config_overrides": args.config,
-        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "config": LadderConfig.model_validate(args.config).model_dump(mode="json"),  # each run's seed is its own
+        "machine": {"cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "torch": torch.__version__},
         **summary, "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(summary))
+    if not summary["reports_agree"]:  # after writing: the numbers that disagree are in the file
+        differ = [r["seed"] for r in runs if not r["reports_agree"]]
+        sys.exit(f"the service's report and `ladder harden`'s give different accuracies for seeds {differ}; "
+                 f"compare runs[].models with runs[].service_models in {args.out}")
 
 
 if __name__ == "__main__":

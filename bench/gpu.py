@@ -11,9 +11,9 @@ In one run, on one device:
 2. (a) in-process: the job as `ladder harden --device DEV` runs it, in one child process (services.cli.main, the
    console script's code, followed by a read of torch.cuda.max_memory_allocated); wall time and report stage_seconds;
 3. (b) service: the same files (model, spec, train, test, config) through HTTP with services.client.Client, from the
-   submit to the downloaded results. With --pg and --redis reachable: `ladder serve` + `ladder worker` (Celery,
-   prefork) with LADDER_DEVICE=DEV; otherwise the embedded server (`ladder serve` with nothing configured,
-   LADDER_DEVICE=DEV). `service_mode` says which;
+   submit to the downloaded results (bench/service_job.py, which bench/engine.py uses too). With --pg and --redis
+   reachable: `ladder serve` + `ladder worker` (Celery, prefork) with LADDER_DEVICE=DEV; otherwise the embedded
+   server (`ladder serve` with nothing configured, LADDER_DEVICE=DEV). `service_mode` says which;
 4. PGD-AT as bench/engine.py runs it (Madry: L∞ ε 0.3, 10 steps of 2.5ε/10, random start, adversarial loss only)
    from the same vanilla weights with the job's finetune epochs, batch, lr, momentum and schedule, on the same device.
    LADDER's time is bench/engine.py's: its stages (engine.LADDER_STAGES) + its own fine-tuning.
@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import service_job  # noqa: E402  (the job through the service, shared with bench/engine.py)
 from bench.engine import LADDER_STAGES, SPEC  # noqa: E402  (the paper's LeNet spec; LADDER's own stages)
 from services.datasets import mnist5k, mnist_idx, save_npz, stratified_split  # noqa: E402
 from services.devices import describe, resolve  # noqa: E402
@@ -220,8 +221,7 @@ def _await_worker(worker, budget: Budget, timeout: float = 120) -> None:
 
 
 def run_service(args, files: dict, budget: Budget, work: Path) -> dict:
-    """(b) the same job over HTTP: submit, poll, download; wall time from the submit to the downloaded results."""
-    from services.client import Client, ClientError
+    """(b) the same job over HTTP (bench/service_job.py): wall time from the submit to the downloaded results."""
     from tests import harness
 
     base = {"LADDER_DEVICE": args.device, "OMP_NUM_THREADS": str(args.threads), "LADDER_DATA_DIR": str(work / "data")}
@@ -241,36 +241,12 @@ def run_service(args, files: dict, budget: Budget, work: Path) -> dict:
             _await_worker(procs[-1], budget)  # a job submitted now would wait for the worker's start-up
             result["service_mode"] = "celery"
         else:
-            env = {**base, **harness.EMBEDDED}
-            procs.append(harness.Server(env, work / "serve.log"))
-            key = (work / "data" / "local-api-key").read_text().strip()
+            server, key = service_job.start_embedded(base, work / "data", work / "serve.log")
+            procs.append(server)
             result["service_mode"] = "embedded"
             result["why_embedded"] = why_not
         result["server_start_seconds"] = time.perf_counter() - started
-        client = Client(procs[0].url, key)
-        started = time.perf_counter()
-        result["t0"] = started
-        job = client.submit(files["model"], files["spec"], files["train"], files["test"], files.get("config"))
-        result["job_id"] = job["id"]
-        while job["status"] not in ("succeeded", "failed", "canceled"):
-            if budget.left() <= 0:
-                client.cancel(job["id"])
-                result["why"] = f"stopped at the budget, at stage {job.get('stage')}"
-                break
-            time.sleep(0.5)
-            try:
-                job = client.job(job["id"])
-            except ClientError:
-                continue  # a blip: poll again
-        if job["status"] == "succeeded":
-            _, report, _ = client.download(job["id"], work / "service-out")
-            result["report"] = json.loads(report.read_text())
-            result["finished"] = True
-        elif "why" not in result:
-            result["why"] = f"job {job['status']}: {job.get('error')}"
-        result["t1"] = time.perf_counter()
-        result["wall_seconds"] = result["t1"] - started
-        result["status"] = job["status"]
+        result.update(service_job.run_job(procs[0].url, key, files, work / "service-out", deadline=budget.deadline))
     except Exception as e:  # noqa: BLE001 — recorded, the rest of the bench goes on
         result["why"] = f"{type(e).__name__}: {e}"
     finally:
