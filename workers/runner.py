@@ -127,11 +127,12 @@ class ArtifactStages:
         if self.store.exists(key):  # a worker that took this stage over wrote it first: its copy stands
             self.saved[stage] = (key, *fetch_checked(self.store, key, path, None, f"the output of stage {stage}"))
             self.work_seconds = checkpoints.work_seconds(path)
+            self.found_notes[stage] = checkpoints.notes(path)
         else:
             self.work_seconds = time.perf_counter() - self.started
-            checkpoints.save(value, path, seconds=self.work_seconds, notes={**self.current_notes, **(notes or {})})
+            self.found_notes[stage] = {**self.current_notes, **(notes or {})}
+            checkpoints.save(value, path, seconds=self.work_seconds, notes=self.found_notes[stage])
             self.saved[stage] = (key, *self.store.put(key, path))
-        self.found_notes[stage] = checkpoints.notes(path)
 
 
 class Reporter:

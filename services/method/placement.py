@@ -34,17 +34,12 @@ def nbytes(*tensors: Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def fits(device: torch.device, size: int) -> bool:
-    """Whether `size` bytes may live on `device` for a stage (always on the CPU)."""
-    return device.type != "cuda" or size <= _budget(device)
-
-
 def inputs(device: torch.device, *tensors: Tensor) -> tuple[Tensor, ...]:
     """The tensors on `device` when they all fit there together, else as they are (on the host, streamed by
     `batch`)."""
-    if device.type != "cuda" or not fits(device, nbytes(*tensors)):
+    if device.type == "cuda" and nbytes(*tensors) > _budget(device):
         return tensors
-    return tuple(t.to(device) for t in tensors)
+    return tuple(t.to(device) for t in tensors)  # a tensor already there is itself
 
 
 def batch(t: Tensor, rows: Tensor | slice, device: torch.device) -> Tensor:
