@@ -132,10 +132,10 @@ def test_a_whole_job_over_http_with_a_celery_worker_on_the_gpu(database, inputs,
 # -- out of GPU memory: halve the stage's batch sizes and run again, down to a floor ---------------------------------
 
 def test_halving_touches_the_stage_s_batch_sizes_only_and_stops_at_the_floor():
-    from services.method import backoff
+    from services.method import backoff, batches
     from services.method.config import LadderConfig
 
-    cfg = LadderConfig()
+    cfg = batches.resolve(LadderConfig(), torch.device("cuda"))  # the sizes a GPU stage starts from
     smaller, changed = backoff.halved(cfg, "evaluate")
     assert changed == {"evaluate.batch_size": cfg.evaluate.batch_size // 2,
                        "evaluate.autoattack.batch_size": cfg.evaluate.autoattack.batch_size // 2,
@@ -171,6 +171,49 @@ def test_with_backoff_runs_again_smaller_after_an_out_of_memory(caplog):
                              cfg, "generator", torch.device("cuda"))
 
 
+# -- inference batch sizes per device ---------------------------------------------------------------------------------
+
+def test_unset_inference_batches_take_the_device_s_defaults_and_set_ones_are_kept():
+    from services.method import batches
+    from services.method.config import LadderConfig
+
+    cpu = batches.resolve(LadderConfig(), torch.device("cpu"))
+    # the CPU's are the sizes every published CPU figure ran with
+    assert (cpu.evaluate.batch_size, cpu.evaluate.autoattack.batch_size, cpu.perturb.batch_size) == (500, 250, 1024)
+    assert batches.latents(torch.device("cpu")) == 512
+    gpu = batches.resolve(LadderConfig(), torch.device("cuda", 1))
+    assert (gpu.evaluate.batch_size, gpu.evaluate.autoattack.batch_size, gpu.perturb.batch_size) == (4096, 1000, 8192)
+    assert gpu.finetune.batch_size == cpu.finetune.batch_size == 64  # training batches are the method's, not the device's
+    assert gpu.generator.batch_size == cpu.generator.batch_size == 128
+    mine = LadderConfig.model_validate({"evaluate": {"batch_size": 64}, "perturb": {"batch_size": 32}})
+    kept = batches.resolve(mine, torch.device("cuda"))
+    assert (kept.evaluate.batch_size, kept.evaluate.autoattack.batch_size, kept.perturb.batch_size) == (64, 1000, 32)
+    assert batches.resolve(kept, torch.device("cpu")) is kept  # nothing left unset
+    assert batches.resolve(LadderConfig(), torch.device("mps")) == cpu  # another device type: the CPU's
+
+
+def test_inference_batch_sizes_do_not_change_the_numbers(lenet):
+    """Why the device may choose them: generation, its flip rates and PGD's examples are the same at any batch size."""
+    from services.method.attacks import craft
+    from services.method.config import EvaluateConfig
+    from services.method.perturb import generate
+
+    model = lenet.model
+    x, y = lenet.test.x[:60], lenet.test.y[:60]
+    small = EvaluateConfig(batch_size=7, attack={"pgd_steps": 5})
+    large = EvaluateConfig(attack={"pgd_steps": 5})  # unset: the CPU's 500, one batch
+    a, b = craft("pgd", model, x, y, small, 3, 10), craft("pgd", model, x, y, large, 3, 10)
+    assert torch.allclose(a.x, b.x, atol=1e-6) and torch.equal(a.point, b.point)
+    assert a.params == b.params
+
+    g = torch.nn.Sequential(torch.nn.Linear(16, 784), torch.nn.Sigmoid(), torch.nn.Unflatten(1, (1, 28, 28)))
+    z, step = torch.randn(1500, 16, generator=torch.Generator().manual_seed(0)), torch.randn(1500, 16)
+    ys, t = torch.zeros(1500, dtype=torch.long), torch.randint(0, 10, (1500,))
+    one, many = generate(g, model, z, ys, t, step, [0.5, 1.0], 4096), generate(g, model, z, ys, t, step, [0.5, 1.0], 333)
+    assert torch.allclose(one.x, many.x, atol=1e-6)
+    assert one.image_flip_rate == many.image_flip_rate  # the first 1,000 rows of each ε, whatever the batch
+
+
 def test_a_stage_output_keeps_its_notes(tmp_path):
     from services import checkpoints
 
@@ -182,8 +225,8 @@ def test_a_stage_output_keeps_its_notes(tmp_path):
 
 @cuda
 def test_a_real_cuda_out_of_memory_under_a_memory_cap_backs_off():
-    """A capped share of the GPU (set_per_process_memory_fraction): 1 MiB per sample does not fit at 1024 samples in
-    a 600 MiB cap, and fits after halvings."""
+    """A capped share of the GPU (set_per_process_memory_fraction): 1 MiB per sample does not fit at the GPU's
+    default generation batch (8192) in a 600 MiB cap, and fits after halvings."""
     from services.method import backoff
     from services.method.config import LadderConfig
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from services.method import placement
+from services.method import batches, placement
 from services.method.config import AttackConfig, AutoAttackConfig, BaselinesConfig, EvaluateConfig, JSMAConfig
 from services.method.cw import cw_l2
 from services.method.models import eval_mode
@@ -286,6 +286,8 @@ def craft(name: str, model: nn.Module, x: Tensor, y: Tensor, cfg: EvaluateConfig
           warnings: list[str] | None = None) -> Crafted:
     """Adversarial versions (on CPU) of the first `max_samples` points of x by the named attack."""
     attack = ATTACKS[name]
+    device = next(model.parameters()).device
+    cfg = batches.for_evaluation(cfg, device)
     gen = torch.Generator().manual_seed(seed)
     cap = attack_cap(name, cfg)
     n = len(x) if cap is None else min(cap, len(x))
@@ -298,7 +300,6 @@ def craft(name: str, model: nn.Module, x: Tensor, y: Tensor, cfg: EvaluateConfig
         rows, target = torch.arange(n), None
     if name == "autoattack":
         settings = AutoAttackRun(cfg.autoattack, cfg.attack.eps, warnings if warnings is not None else [])
-    device = next(model.parameters()).device
     xs, ys = placement.inputs(device, x[rows], y[rows])
     step = cfg.batch_size if attack.batched else len(xs)
     out = placement.Gather(device)

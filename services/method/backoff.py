@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import torch
 
+from services.method import batches
 from services.method.config import LadderConfig
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def halved(config: LadderConfig, stage: str) -> tuple[LadderConfig, dict[str, in
 def with_backoff(run: Callable[[LadderConfig], T], config: LadderConfig, stage: str, device: torch.device,
                  on_halve: Callable[[dict[str, int]], None] = lambda changed: None) -> T:
     """`run(config)`; on CUDA out-of-memory, again with the stage's batch sizes halved (`on_halve` hears of each)."""
+    config = batches.resolve(config, device)  # halving needs numbers: the device's defaults for the unset sizes
     while True:
         try:
             return run(config)

@@ -55,7 +55,8 @@ class PerturbConfig(_Section):
     )
     calibration_samples: int = Field(2000, ge=10)
     samples_per_class: int | None = Field(None, ge=1, description="source images per class; None = all")
-    batch_size: int = Field(1024, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="generation batch; null = the device's default "
+                                                         "(services/method/batches.py)")
     cav_noise: float = Field(0.01, gt=0, description="LADDER_cavRandom: β ⊙ (d + N(0, I)·noise) (authors: /100)")
     random_share: float = Field(
         0.85, ge=0, le=1,
@@ -128,7 +129,7 @@ class AutoAttackConfig(_Section):
 
     version: Literal["standard", "plus", "rand"] = "standard"
     max_samples: int | None = Field(200, ge=1, description="points attacked (a prefix of them); None = all")
-    batch_size: int = Field(250, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="null = the device's default (services/method/batches.py)")
 
 
 AttackName = Literal["fgsm", "pgd", "cw", "jsma", "autoattack", "ladder"]
@@ -148,7 +149,8 @@ class EvaluateConfig(_Section):
     jsma: JSMAConfig = JSMAConfig()
     autoattack: AutoAttackConfig = AutoAttackConfig()
     max_samples: int | None = Field(1000, ge=1, description="test points evaluated (stratified); None = all")
-    batch_size: int = Field(500, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="evaluation, attack and latent batches; null = the "
+                                                         "device's default (services/method/batches.py)")
     surrogate_architecture: str = Field("auto", description="black-box model; auto = smallcnn (lenet for a smallcnn)")
     surrogate_epochs: int = Field(10, ge=1)
     surrogate_lr: float = Field(0.01, gt=0)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from services.method import placement
+from services.method import batches, placement
 from services.method.attacks import attack_params, craft
 from services.method.config import TRAINED_ON, EvaluateConfig
-from services.method.models import eval_mode
+from services.method.models import device_of, eval_mode
 from services.method.progress import Progress, silent
 
 
@@ -74,6 +74,7 @@ def evaluate(
     num_classes: int, ladder: Examples | None = None, progress: Progress = silent,
 ) -> dict:
     """{"models": per model clean_accuracy, attacks.<setting>.<attack>, worst_case.<setting>; "evaluation": what ran}."""
+    cfg = batches.for_evaluation(cfg, device_of(next(iter(models.values()))))
     settings = [s for s in cfg.settings if s == "whitebox" or surrogate is not None]
     runs = {s: [a for a in cfg.runs(s) if a != "ladder" or ladder is not None] for s in settings}
     ladder = ladder if "ladder" in runs.get("whitebox", []) else None

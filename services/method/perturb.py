@@ -147,9 +147,10 @@ def generate(
             for i in range(0, n, batch_size):
                 rows = slice(i, i + batch_size)
                 x = generator(placement.batch(zd, rows, g_dev) + e * placement.batch(sd, rows, g_dev))
-                if checked < _FLIP_CHECKS:  # a sample of each ε is enough for the rate; keeps generation at G's speed
-                    flipped += (classifier(x.to(f_dev)).argmax(1) == placement.batch(td, rows, f_dev)).sum()
-                    checked += len(x)
+                if checked < _FLIP_CHECKS:  # the first rows of each ε are enough for the rate; keeps generation at G's speed
+                    m = min(len(x), _FLIP_CHECKS - checked)  # the same rows whatever the batch size
+                    flipped += (classifier(x[:m].to(f_dev)).argmax(1) == placement.batch(td, slice(i, i + m), f_dev)).sum()
+                    checked += m
                 xs.add(x)
                 progress("adversarial", (k * n + i + len(x)) / (len(eps) * n), {})
             flips.append(int(flipped) / checked)

@@ -22,7 +22,7 @@ import services
 from services import devices
 from services.datasets import ImageData, balanced_order, require_every_class, stratified_split
 from services.errors import InputError
-from services.method import numerics
+from services.method import batches, numerics
 from services.method.boundary import fit_boundary
 from services.method.attacks import autoattack_info, training_attack
 from services.method.config import LADDER_VARIANTS, FinetuneConfig, LadderConfig
@@ -149,10 +149,11 @@ class Run:
 
     def __init__(self, model: Classifier, spec: ModelSpec, train: ImageData, test: ImageData, config: LadderConfig,
                  store: StageStore | None = None, progress: Progress = silent):
+        self.device = device_of(model)
+        config = batches.resolve(config, self.device)  # the batch sizes that ran, in the report too
         self.model, self.spec, self.train, self.test, self.cfg = model, spec, train, test, config
         self.store = store or MemoryStore()
         self.progress = progress
-        self.device = device_of(model)
         self.seconds: dict[str, float] = {}
         self._values: dict[str, Any] = {}
         numerics.setup()
@@ -178,7 +179,7 @@ class Run:
         return value
 
     def _latents(self) -> Tensor:
-        return extract_latents(self.split, self.train.x, progress=self.progress)
+        return extract_latents(self.split, self.train.x, batches.latents(self.device), self.progress)
 
     def _boundary(self, z: Tensor) -> Any:
         return fit_boundary(z, self.train.y, self.spec.num_classes, self.cfg.boundary,
@@ -296,7 +297,7 @@ class Run:
         its generator, every calibrated ε, a random target per point; labelled with the source class."""
         gen = torch.Generator().manual_seed(stage_seed(self.cfg.seed, "evaluate") + 101)
         eps = adv["calibration"].eps
-        z = extract_latents(self.split, points.x)
+        z = extract_latents(self.split, points.x, batches.latents(self.device))
         targets = random_targets(points.y, self.spec.num_classes, gen)
         step = directions(boundary, z, points.y, targets, "boundary", gen)
         ex = generate(gfit.build().to(self.device), self.model, z, points.y, targets, step, eps, self.cfg.perturb.batch_size)
@@ -332,7 +333,7 @@ class Run:
             return {"eps": eps, "pairs": []}
         src, tgt, idx = (torch.tensor(c) for c in zip(*picked))
         x = self.test.x[idx]
-        z = extract_latents(self.split, x)
+        z = extract_latents(self.split, x, batches.latents(self.device))
         step = directions(boundary, z, src, tgt, "boundary", gen)
         rows = generate(gfit.build().to(self.device), self.model, z, src, tgt, step, [0.0, *eps]).x.view(len(eps) + 1, len(x), *x.shape[1:])
         return {"eps": eps, "pairs": [{"source": s, "target": t, "images": torch.cat([x[k : k + 1], rows[:, k]]).numpy()}
