@@ -18,6 +18,11 @@ In one run, on one device:
    from the same vanilla weights with the job's finetune epochs, batch, lr, momentum and schedule, on the same device.
    LADDER's time is bench/engine.py's: its stages (engine.LADDER_STAGES) + its own fine-tuning.
 
+5. the precisions (config.precision; default tf32 and bf16 on a GPU, none on a CPU): the in-process job again with
+   each, after the parts above and only while the budget lasts; their wall and stage times against fp32's, and
+   their clean and transfer-PGD accuracies (the evidence a faster precision would need before it became the
+   default).
+
 nvidia-smi (when present) is sampled every 0.5 s for utilisation and memory. --budget-s bounds the whole run: a
 part still running at the deadline is stopped and recorded as unfinished (PGD-AT's time is then extrapolated from
 the epochs it finished, and says so). The targets of the issue are judged from the measured numbers.
@@ -302,6 +307,30 @@ def run_pgd_at(vanilla, train, config: LadderConfig, seed: int, budget: Budget) 
             "max_memory_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
 
 
+def precision_summary(run: dict, fp32: dict | None) -> dict:
+    """One precision's in-process run: wall and stage seconds (and their ratio to fp32's), clean and transfer-PGD
+    accuracy per model."""
+    out = {k: run.get(k) for k in ("finished", "why", "wall_seconds")}
+    rep = run.get("report")
+    if not rep:
+        return out
+    out["precision"] = rep["config"]["precision"]  # what the job ran with, by its own report
+    out["finetune_loss"] = rep["finetune"]["loss"]
+    out["stage_seconds"] = rep["stage_seconds"]
+    out["finetune_seconds"] = rep["finetune"]["seconds"]
+    out["clean_accuracy"] = {k: m["clean_accuracy"] for k, m in rep["models"].items()}
+    out["transfer_pgd"] = {k: ((m["attacks"].get("blackbox") or {}).get("pgd") or {}).get("accuracy")
+                           for k, m in rep["models"].items()}
+    if fp32 and fp32.get("report") and run["finished"]:
+        base = fp32["report"]
+        out["wall_vs_fp32"] = run["wall_seconds"] / fp32["wall_seconds"]
+        out["generator_vs_fp32"] = rep["stage_seconds"]["generator"] / base["stage_seconds"]["generator"]
+        out["finetune_vs_fp32"] = rep["stage_seconds"]["finetune"] / base["stage_seconds"]["finetune"]
+        out["clean_minus_fp32_points"] = {k: 100 * (v - base["models"][k]["clean_accuracy"])
+                                          for k, v in out["clean_accuracy"].items() if k in base["models"]}
+    return out
+
+
 def ladder_seconds(report: dict) -> float:
     """bench/engine.py's LADDER time: its stages (LADDER_STAGES) + its own fine-tuning (not the control's)."""
     return sum(report["stage_seconds"][s] for s in LADDER_STAGES) + report["finetune"]["seconds"]["ladder"]
@@ -340,6 +369,13 @@ def table(result: dict) -> str:
         u = util.get(part) if util else None
         if u and u.get("samples"):
             lines.append(f"| GPU utilisation, {part}: mean / max % | {u['utilization_mean']:.0f} / {u['utilization_max']:.0f} | | |")
+    if len(result["precision"]) > 1:
+        lines += ["", "| precision | wall s | generator / fp32 | finetune / fp32 | LADDER clean | LADDER transfer PGD |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in result["precision"].items():
+            lines.append(f"| {name} | {fmt(r.get('wall_seconds'), 1)} | {fmt(r.get('generator_vs_fp32'))} | "
+                         f"{fmt(r.get('finetune_vs_fp32'))} | {fmt((r.get('clean_accuracy') or {}).get('ladder'), 4)} | "
+                         f"{fmt((r.get('transfer_pgd') or {}).get('ladder'), 4)} |")
     stage_a, stage_b = result["stage_seconds"]["inprocess"] or {}, result["stage_seconds"]["service"] or {}
     stages = [*stage_a, *(k for k in stage_b if k not in stage_a)]
     lines += ["", "| stage | in-process s | service s |", "|---|---|---|"]
@@ -362,8 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16), help="CPU threads of every process")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "ladder-gpu-bench"), help="vanilla models kept between runs")
     p.add_argument("--no-cache", action="store_true", help="train the vanilla model again")
+    p.add_argument("--precisions", nargs="*", choices=["fp32", "tf32", "bf16"], default=None,
+                   help="the in-process job again with each precision, while the budget lasts; default tf32 bf16 on a "
+                        "GPU, none on a CPU")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
     args = p.parse_args(argv)
+    if args.precisions is None:
+        args.precisions = ["tf32", "bf16"] if args.device != "cpu" else []
     if args.vanilla_epochs is None:
         args.vanilla_epochs = 2 if args.quick else 10
     budget = Budget(args.budget_s)
@@ -401,6 +442,18 @@ def main(argv: list[str] | None = None) -> int:
         pgd_at = run_pgd_at(vanilla, train, config, config.seed, budget) if budget.left() > 5 else {
             "finished": False, "seconds": None, "why": "no budget left"}
         log(f"PGD-AT: {pgd_at.get('wall_seconds')} s, finished {pgd_at['finished']}")
+        precisions = {config.precision: inproc}  # the job's own precision is (a)
+        for name in args.precisions:
+            if name in precisions:
+                continue
+            if budget.left() <= 5:
+                precisions[name] = {"finished": False, "why": "no budget left"}
+                continue
+            (work / name).mkdir()
+            (work / name / "config.json").write_text(config.model_copy(update={"precision": name}).model_dump_json())
+            precisions[name] = run_inprocess({**files, "config": work / name / "config.json"}, args.device,
+                                             args.threads, budget, work / name)
+            log(f"precision {name}: {precisions[name]['wall_seconds']:.1f} s, finished {precisions[name]['finished']}")
     finally:
         sampler.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -458,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         "inprocess": {k: v for k, v in inproc.items() if k not in ("report", "t0", "t1")},
         "service": {k: v for k, v in service.items() if k not in ("report", "t0", "t1")},
         "pgd_at": {k: v for k, v in pgd_at.items() if k not in ("t0", "t1")},
+        "precision": {name: precision_summary(run, precisions.get("fp32")) for name, run in precisions.items()},
         "ladder_stages": [*LADDER_STAGES, "finetune (ladder only)"],
     }
     result["targets"] = judge(result)

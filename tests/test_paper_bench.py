@@ -141,7 +141,7 @@ def test_gpu_bench_quick_on_the_cpu_records_every_number_and_computes_its_ratios
     from bench.engine import LADDER_STAGES
 
     out = tmp_path / "gpu.json"
-    r = _gpu_bench(out, tmp_path / "cache")
+    r = _gpu_bench(out, tmp_path / "cache", "--precisions", "bf16")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     g = json.loads(out.read_text())
     for key in ("service_job_seconds", "inprocess_job_seconds", "service_vs_inprocess", "ladder_vs_pgd_at_time_ratio",
@@ -171,6 +171,15 @@ def test_gpu_bench_quick_on_the_cpu_records_every_number_and_computes_its_ratios
         assert t["value"] == g[key] and t["met"] == (g[key] <= t["bound"]), key
     assert targets["service_job_seconds"]["applies"] is False  # a quick CPU run says nothing about the H100/H200 target
     assert "| service / in-process wall time |" in r.stdout and "| generator |" in r.stdout
+    # the precision asked for ran the whole job again; its numbers are its own, its ratios against fp32's (a)
+    fp32, bf16 = g["precision"]["fp32"], g["precision"]["bf16"]
+    assert set(g["precision"]) == {"fp32", "bf16"} and fp32["wall_seconds"] == g["inprocess_job_seconds"] and bf16["finished"]
+    assert bf16["wall_vs_fp32"] == bf16["wall_seconds"] / fp32["wall_seconds"]
+    assert bf16["finetune_vs_fp32"] == bf16["stage_seconds"]["finetune"] / stages["finetune"]
+    assert bf16["clean_minus_fp32_points"]["vanilla"] == 0  # not fine-tuned: the precision cannot touch it
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert bf16["finetune_loss"]["ladder"] != fp32["finetune_loss"]["ladder"]  # bf16 steps did run
+    assert "| bf16 |" in r.stdout
 
     # the budget guard: what runs past it is stopped and recorded, never waited for (the vanilla model is cached now)
     r = _gpu_bench(tmp_path / "cut.json", tmp_path / "cache", "--budget-s", "2")
@@ -179,4 +188,5 @@ def test_gpu_bench_quick_on_the_cpu_records_every_number_and_computes_its_ratios
     assert cut["vanilla"]["cached"] and not cut["inprocess"]["finished"] and "budget" in cut["inprocess"]["why"]
     assert cut["service"]["why"] == cut["pgd_at"]["why"] == "no budget left"
     assert cut["inprocess_job_seconds"] is cut["service_vs_inprocess"] is cut["ladder_vs_pgd_at_time_ratio"] is None
+    assert list(cut["precision"]) == ["fp32"]  # none asked for on a CPU
     assert all(t["met"] is None for t in cut["targets"])
