@@ -437,6 +437,14 @@ def print_summary(report: dict) -> None:
         for r in [header, *rows]:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         print()
+    sel = report.get("selection")
+    if sel:
+        chosen = ", ".join(f"{name} {'the uploaded weights' if m['uploaded_weights'] else 'epoch ' + str(m['chosen_epoch'])}"
+                           for name, m in sel["models"].items())
+        held = "held on the test points" if sel["budget_held_on_test"] else "did NOT hold on the test points for " + \
+            ", ".join(k for k, t in sel["on_test"].items() if not t["within_budget"])
+        print(f"checkpoints (best {sel['objective']} within {sel['max_clean_drop_points']:g} points of clean accuracy on "
+              f"validation): {chosen}; the budget {held}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -307,3 +307,31 @@ def test_renders_in_chromium(page, tmp_path):
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, target / "report.png")
     assert time.perf_counter() - started < 60
+
+
+def _selection(held: bool) -> dict:
+    curve = lambda drops: [{"epoch": k, "clean": 0.99 - d / 100, "transfer_pgd": 0.3 + 0.05 * k, "objective": 0.3 + 0.05 * k,  # noqa: E731
+                            "clean_drop_points": d, "within_budget": d <= 0.3} for k, d in enumerate(drops)]
+    return {"max_clean_drop_points": 0.3, "objective": "transfer_pgd",
+            "validation": {"n": 400, "robust_points": 200, "fraction": 0.1}, "seconds": 4.0,
+            "models": {"control": {"chosen_epoch": 0, "uploaded_weights": True, "why": "the uploaded weights: no epoch "
+                                   "within the budget beat the uploaded model's objective", "validation": curve([0])[0],
+                                   "curve": curve([0, 0.5, 0.6])},
+                       "ladder": {"chosen_epoch": 2, "uploaded_weights": False, "why": "epoch 2: the best objective",
+                                  "validation": curve([0, 0.1, 0.2])[2], "curve": curve([0, 0.1, 0.2, 0.9])}},
+            "on_test": {"control": {"clean_drop_points": 0.0, "within_budget": True},
+                        "ladder": {"clean_drop_points": 0.2 if held else 0.45, "within_budget": held}},
+            "budget_held_on_test": held}
+
+
+def test_checkpoint_selection_section():
+    page = render_html({**make_report(), "selection": _selection(True)})
+    section = page[page.index('id="selection"'):page.index("</section>", page.index('id="selection"'))]
+    assert "held for every model" in section and "did not hold" not in section
+    rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td>", section)
+    assert rows == [("Control", "uploaded weights"), ("LADDER", "2")]
+    assert len(re.findall(r"<img\b", section)) == 1 and "best transfer pgd on 200" in section
+    assert page.index('id="tradeoff"') < page.index('id="selection"')
+    missed = render_html({**make_report(), "selection": _selection(False)})
+    assert "<strong>did not hold for every model</strong>" in missed and "−0.45" in missed
+    assert 'id="selection"' not in render_html(make_report())  # off: no section

@@ -203,6 +203,21 @@ LADDER_VARIANTS = ("ladder_random", "ladder_cavrandom")
 TRAINED_ON: dict[str, str] = {"fgsm_at": "fgsm", "pgd_at": "pgd", "ladder": "ladder", "trades_ladder": "ladder"}
 
 
+class SelectConfig(_Section):
+    """Which checkpoint a fine-tuned model returns (services/method/select.py): off, the last epoch's; on, the
+    most robust one on a validation split whose clean accuracy there stays within a budget of the uploaded model's."""
+
+    max_clean_drop: float | None = Field(
+        None, ge=0, le=100, description="points of validation clean accuracy a model may lose against the uploaded "
+                                        "model; null = off: the last epoch's weights, no validation split")
+    objective: Literal["transfer_pgd", "transfer_worst"] = Field(
+        "transfer_pgd", description="maximised within the budget: validation accuracy under PGD transferred from the "
+                                    "surrogate, or the worse of transfer FGSM and PGD")
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="of the training data, stratified; used by no "
+                                                                      "stage's training and in no reported number")
+    robust_points: int = Field(500, ge=10, description="validation points the transfer examples are crafted from")
+
+
 class LadderConfig(_Section):
     """Everything a hardening run depends on. Defaults follow the paper unless method.md decides otherwise."""
 
@@ -220,6 +235,7 @@ class LadderConfig(_Section):
     finetune: FinetuneConfig = FinetuneConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    select: SelectConfig = SelectConfig()
 
     @model_validator(mode="after")
     def _unique_variants(self) -> "LadderConfig":

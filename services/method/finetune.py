@@ -46,12 +46,14 @@ def fit(
     stage: str = "finetune",
     progress: Progress = silent,
     precision: str = "fp32",
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> list[float]:
     """Train `model` in place with SGD for `epochs` passes over (x, y); returns the mean loss per epoch.
 
     The loss is α·L(x, y) + (1 − α)·CE(f(x̂), y), x̂ from `extra` (a generated set) or `craft` (made per
     batch). L is CE, or with `trades = (β, craft)` TRADES' CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' crafted
-    per batch. α = 0 drops the clean term (PGD-AT as in Madry et al.). `precision` (numerics.training) applies to
+    per batch. α = 0 drops the clean term (PGD-AT as in Madry et al.). `on_epoch(k, model)` hears of the end of
+    epoch k (1-based), the model in eval mode (checkpoint selection, select.py). `precision` (numerics.training) applies to
     the step's forward and backward, not to the crafting of x̂ or x'. `schedule`: the learning rate stays at
     `lr` ("constant", the paper's) or follows a cosine from `lr` towards 0 over all steps ("cosine": step k of K takes lr·½(1 + cos(πk/K))).
     """
@@ -114,7 +116,9 @@ def fit(
             if i == steps - 1 or report():
                 progress(stage, (epoch + (i + 1) / steps) / epochs, {"loss": total.item() / (i + 1)})
         history.append(total.item() / steps)
-    model.eval()
+        model.eval()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model)
     return history
 
 

@@ -31,6 +31,7 @@ from services.method.finetune import accuracy, fit
 from services.method.generator import fidelity, resolve_preset, train_generator
 from services.method.latents import extract_latents
 from services.method.rank import report_ranks
+from services.method.select import Judge, Selector, make_proxy
 from services.method.models import Classifier, ModelSpec, build_classifier, device_of, load_net_weights, net_weights, prepare
 from services.method.perturb import calibrate, directions, generate, random_targets
 from services.method.progress import Progress, silent
@@ -88,6 +89,11 @@ def stage_seed(seed: int, stage: str) -> int:
     return seed * 1009 + STAGES.index(stage) * 7 + 1
 
 
+def validation_seed(seed: int) -> int:
+    """The seed of the validation split (select.py), derived from the run's seed apart from every stage's."""
+    return stage_seed(seed, "finetune") + 101
+
+
 def versions() -> dict[str, str]:
     """Library versions that decide the numbers."""
     return {
@@ -113,11 +119,16 @@ def train_surrogate(
     arch = surrogate_architecture(cfg.evaluate.surrogate_architecture, spec.architecture)
     seed = stage_seed(cfg.seed, "evaluate")
     torch.manual_seed(seed)
-    surrogate = build_classifier(spec.model_copy(update={"architecture": arch, "latent_layer": None})).to(device)
+    surrogate = build_classifier(surrogate_spec(spec, arch)).to(device)
     fit(surrogate, train.x, train.y, epochs=cfg.evaluate.surrogate_epochs, lr=cfg.evaluate.surrogate_lr,
         momentum=cfg.evaluate.surrogate_momentum,
         batch_size=cfg.finetune.batch_size, seed=seed, stage="evaluate", progress=progress)
     return surrogate, arch
+
+
+def surrogate_spec(spec: ModelSpec, architecture: str) -> ModelSpec:
+    """The surrogate's spec: the model's input, classes and normalisation, another architecture."""
+    return spec.model_copy(update={"architecture": architecture, "latent_layer": None})
 
 
 def split_inputs(train: ImageData, test: ImageData | None, cfg: LadderConfig, num_classes: int) -> tuple[ImageData, ImageData]:
@@ -151,6 +162,10 @@ class Run:
                  store: StageStore | None = None, progress: Progress = silent):
         self.device = device_of(model)
         config = batches.resolve(config, self.device)  # the batch sizes that ran, in the report too
+        self.val: ImageData | None = None  # checkpoint selection's validation split: no stage trains on it
+        if config.select.max_clean_drop is not None:
+            train, self.val = stratified_split(train, config.select.validation_fraction, validation_seed(config.seed))
+            require_every_class(self.val, spec.num_classes, 1, "the validation split (select.validation_fraction)")
         self.model, self.spec, self.train, self.test, self.cfg = model, spec, train, test, config
         self.store = store or MemoryStore()
         self.progress = progress
@@ -243,25 +258,44 @@ class Run:
         return runs
 
     def _finetune(self, z: Tensor, boundary: Any, gfit: Any, adv: dict) -> dict:
-        weights, history, seconds = {}, {}, {}
+        weights, history, seconds, chosen = {}, {}, {}, {}
         runs = self.trainings(adv)
+        out: dict[str, Any] = {}
+        judge = uploaded = None
+        if self.val is not None:  # every model's checkpoints judged on the same proxy, the uploaded model's first
+            started = time.perf_counter()
+            surrogate, _ = train_surrogate(self.spec, self.train, self.cfg, device=self.device)
+            proxy = make_proxy(surrogate, self.val, self.cfg.select, self.cfg.evaluate,
+                               validation_seed(self.cfg.seed), self.spec.num_classes)
+            judge = Judge(proxy, self.cfg.select.objective, self.cfg.evaluate.batch_size)
+            uploaded = judge(self.model)
+            out["surrogate"] = net_weights(surrogate)  # the evaluation's, trained once
+            out["selection_seconds"] = time.perf_counter() - started
         for i, (name, how) in enumerate(runs.items()):
             started = time.perf_counter()
+            selector = None if judge is None else Selector(uploaded, net_weights(self.model),
+                                                           self.cfg.select.max_clean_drop, judge)
             weights[name], history[name] = self.finetune_one(
-                how, lambda s, frac, met, i=i: self.progress("finetune", (i + frac) / len(runs), met))
+                how, lambda s, frac, met, i=i: self.progress("finetune", (i + frac) / len(runs), met), selector=selector)
+            if selector is not None:
+                chosen[name] = selector.summary()
             seconds[name] = time.perf_counter() - started
-        return {"weights": weights, "loss": history, "seconds": seconds}
+        out.update(weights=weights, loss=history, seconds=seconds)
+        if judge is not None:
+            out["selection"] = chosen
+        return out
 
-    def finetune_one(self, how: dict, progress: Progress = silent, finetune: FinetuneConfig | None = None
-                     ) -> tuple[dict[str, Tensor], list[float]]:
+    def finetune_one(self, how: dict, progress: Progress = silent, finetune: FinetuneConfig | None = None,
+                     selector: Selector | None = None) -> tuple[dict[str, Tensor], list[float]]:
         """Fine-tune a copy of the uploaded model with the run's data and budget (`how`: one of `trainings`; `finetune`:
-        other fine-tuning settings than the run's): its weights and loss per epoch."""
+        other fine-tuning settings than the run's): its weights and loss per epoch. With a `selector`, every epoch is
+        scored and the weights are the selector's choice."""
         f, train = finetune or self.cfg.finetune, self.train
         m = copy.deepcopy(self.model)
         history = fit(m, train.x, train.y, epochs=f.epochs, lr=f.lr, momentum=f.momentum, batch_size=f.batch_size,
                       schedule=f.lr_schedule, seed=stage_seed(self.cfg.seed, "finetune"), **how, progress=progress,
-                      precision=self.cfg.precision)
-        return net_weights(m), history
+                      precision=self.cfg.precision, on_epoch=None if selector is None else selector.on_epoch)
+        return (net_weights(m) if selector is None else selector.weights), history
 
     def models(self) -> dict[str, Classifier]:
         """vanilla, control, ladder and the variants, built from the finetune stage's weights."""
@@ -277,7 +311,10 @@ class Run:
         seed = stage_seed(cfg.seed, "evaluate")
         surrogate = arch = None
         share = 0.0
-        if "blackbox" in ev.settings:
+        if "blackbox" in ev.settings and "surrogate" in tuned:  # trained by the fine-tuning stage for the selection
+            arch = surrogate_architecture(ev.surrogate_architecture, self.spec.architecture)
+            surrogate = build_classifier(surrogate_spec(self.spec, arch), tuned["surrogate"]).to(self.device).eval()
+        elif "blackbox" in ev.settings:
             share = 0.15
             surrogate, arch = train_surrogate(self.spec, self.train, cfg, lambda s, frac, met: progress("evaluate", share * frac, met),
                                               self.device)
@@ -390,6 +427,28 @@ class Run:
             "evaluation": ev["evaluation"],
             "models": ev["models"],
             "average_rank": report_ranks(ev["models"], ev["evaluation"]["settings"]),
+            "selection": self.selection(tuned, ev),
+        }
+
+    def selection(self, tuned: dict, ev: dict) -> dict | None:
+        """Which checkpoint each fine-tuned model returns and why (select.py), and whether the budget also held on the
+        test points; None when the selection is off."""
+        if self.val is None:
+            return None
+        sel = self.cfg.select
+        vanilla = ev["models"]["vanilla"]["clean_accuracy"]
+        on_test = {}
+        for name in tuned["selection"]:
+            drop = 100 * (vanilla - ev["models"][name]["clean_accuracy"])
+            on_test[name] = {"clean_drop_points": drop, "within_budget": drop <= sel.max_clean_drop + 1e-9}
+        return {
+            "max_clean_drop_points": sel.max_clean_drop, "objective": sel.objective,
+            "validation": {"n": len(self.val), "robust_points": min(sel.robust_points, len(self.val)),
+                           "fraction": sel.validation_fraction},
+            "seconds": tuned["selection_seconds"],
+            "models": tuned["selection"],
+            "on_test": on_test,
+            "budget_held_on_test": all(t["within_budget"] for t in on_test.values()),
         }
 
 

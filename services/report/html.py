@@ -482,6 +482,32 @@ def _finetune(report: Mapping) -> list[dict]:
     return out
 
 
+def _selection(report: Mapping) -> dict | None:
+    sel = report.get("selection")
+    if not sel:
+        return None
+    models = {k: v for k, v in (sel.get("models") or {}).items()}
+    order = _ordered(list(models), MODEL_ORDER)
+    colors = {model_name(k): plots.PALETTE[MODEL_ORDER.index(k) % len(plots.PALETTE)] if k in MODEL_ORDER
+              else plots.PALETTE[(len(MODEL_ORDER) + i) % len(plots.PALETTE)] for i, k in enumerate(order)}
+    curves = {model_name(k): [(c["epoch"], c["clean_drop_points"], c["objective"]) for c in models[k]["curve"]]
+              for k in order}
+    chosen = {model_name(k): models[k]["chosen_epoch"] for k in order}
+    on_test = sel.get("on_test") or {}
+    rows = [{"name": model_name(k), "epoch": "uploaded weights" if models[k]["uploaded_weights"] else models[k]["chosen_epoch"],
+             "why": models[k]["why"], "val_clean": pct(models[k]["validation"]["clean"]),
+             "val_objective": pct(models[k]["validation"]["objective"]),
+             "test_drop": points(-on_test[k]["clean_drop_points"] / 100) if k in on_test else "n/a",
+             "held": "yes" if (on_test.get(k) or {}).get("within_budget") else "no"} for k in order]
+    val = sel.get("validation") or {}
+    return {"budget": fmt(sel.get("max_clean_drop_points")), "objective": str(sel.get("objective", "")).replace("_", " "),
+            "n": _count(val.get("n")), "robust_n": _count(val.get("robust_points")), "rows": rows,
+            "held": bool(sel.get("budget_held_on_test")),
+            "plot": _img(plots.selection_curve(curves, chosen, float(sel.get("max_clean_drop_points") or 0),
+                                               str(sel.get("objective", "")), colors),
+                         "Validation clean drop and objective per epoch, per model")}
+
+
 def _autoattack(evaluation: Mapping) -> dict | None:
     aa = evaluation.get("autoattack") or {}
     if not aa:
@@ -546,6 +572,7 @@ def render_html(report: dict, gallery: dict | None = None) -> str:
         "calibration": _calibration(report),
         "timeline": _timeline(report),
         "finetune": _finetune(report),
+        "selection": _selection(report),
         "generator": _kv(gen, {"reconstruction_mse": "reconstruction MSE", "recon_mse": "reconstruction MSE",
                                "reconstruction_accuracy": "accuracy on reconstructions",
                                "recon_accuracy": "accuracy on reconstructions", "clean_accuracy": "accuracy on originals",

@@ -180,6 +180,34 @@ def crossing_curve(eps: Sequence[float], rate: Sequence[float], chosen: Sequence
     return _png(fig)
 
 
+def selection_curve(curves: Mapping[str, Sequence[tuple[int, float, float]]], chosen: Mapping[str, int],
+                    budget_points: float, objective: str, colors: Mapping[str, str]) -> bytes:
+    """Checkpoint selection: per model, validation clean drop (points, left) and the objective (%, right) against the
+    epoch (0 = the uploaded model); the budget as a dashed line, each model's chosen epoch ringed."""
+    fig = Figure(figsize=(WIDTH_IN, 3.6))
+    ax = fig.add_subplot()
+    _style(ax)
+    right = ax.twinx()
+    for name, pts in curves.items():
+        c = colors.get(name, PALETTE[0])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, linewidth=1.4, marker="o", markersize=3, label=name)
+        right.plot([p[0] for p in pts], [100 * p[2] for p in pts], color=c, linewidth=1.0, linestyle=":", marker="s",
+                   markersize=3)
+        at = [p for p in pts if p[0] == chosen.get(name)]
+        if at:
+            ax.plot([at[0][0]], [at[0][1]], marker="o", markersize=9, markerfacecolor="none", markeredgecolor=c, zorder=4)
+    ax.axhline(budget_points, color="#999999", linestyle="--", linewidth=0.9)
+    ax.set_xlabel("epoch (0 = the uploaded model)", fontsize=FONT)
+    ax.set_ylabel("validation clean drop (points, solid)", fontsize=FONT)
+    right.set_ylabel(f"{objective.replace('_', ' ')} on validation (%, dotted)", fontsize=FONT)
+    right.tick_params(labelsize=FONT - 1)
+    if ax.get_legend_handles_labels()[0]:
+        leg = ax.legend(fontsize=FONT - 1, loc="upper left", frameon=False)
+        _plain(leg.get_texts())
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _fmt_s(s: float) -> str:
     if s < 100:
         return f"{s:.1f} s"

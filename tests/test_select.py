@@ -1,0 +1,126 @@
+"""Checkpoint selection within a clean-accuracy budget (services/method/select.py): the rule, and whole runs."""
+
+import random
+
+import pytest
+import torch
+
+from services.datasets import ImageData
+from services.method.models import build_classifier, net_weights
+from services.method.pipeline import MemoryStore, Run, harden
+from services.method.select import Selector, score
+
+from .conftest import quick_config
+
+WEIGHTS = {"w": torch.zeros(1)}
+
+
+def _selector(budget: float, clean: float = 0.9, objective: float = 0.2) -> Selector:
+    return Selector({"clean": clean, "objective": objective}, WEIGHTS, budget)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_choice_is_the_best_objective_within_the_budget_and_never_beyond_it(seed):
+    rnd = random.Random(seed)
+    budget = rnd.choice([0.0, 0.1, 0.3, 1.0])
+    sel = _selector(budget)
+    epochs = [{"clean": round(0.9 + rnd.uniform(-0.02, 0.01), 4), "objective": rnd.uniform(0, 0.6)} for _ in range(8)]
+    for k, s in enumerate(epochs, 1):
+        sel.offer(k, s, lambda k=k: {"w": torch.full((1,), float(k))})
+    out = sel.summary()
+    feasible = [(s["objective"], s["clean"], -k) for k, s in enumerate(epochs, 1) if 100 * (0.9 - s["clean"]) <= budget + 1e-9]
+    best = max([(0.2, 0.9, 0), *feasible])  # the uploaded model is epoch 0
+    assert out["chosen_epoch"] == -best[2]
+    assert 100 * (0.9 - out["validation"]["clean"]) <= budget + 1e-9
+    assert float(sel.weights["w"]) == out["chosen_epoch"]  # the weights are the chosen epoch's
+    assert [c["epoch"] for c in out["curve"]] == list(range(9))
+    assert [c["within_budget"] for c in out["curve"][1:]] == [100 * (0.9 - s["clean"]) <= budget + 1e-9 for s in epochs]
+
+
+def test_a_zero_budget_and_every_epoch_worse_returns_the_uploaded_weights_and_says_why():
+    sel = _selector(0.0)
+    for k in range(1, 4):
+        sel.offer(k, {"clean": 0.9 - 0.01 * k, "objective": 0.9}, lambda: pytest.fail("a worse epoch's weights were copied"))
+    out = sel.summary()
+    assert out["chosen_epoch"] == 0 and out["uploaded_weights"] and sel.weights is WEIGHTS
+    assert "no epoch kept the validation clean drop within the budget" in out["why"]
+    equal = _selector(0.0)
+    equal.offer(1, {"clean": 0.9, "objective": 0.2}, lambda: pytest.fail("a tie with the uploaded model was copied"))
+    assert equal.summary()["chosen_epoch"] == 0 and "beat the uploaded model" in equal.summary()["why"]
+
+
+def _marked(data: ImageData) -> ImageData:
+    """The same images, each with a unique top-left pixel: its row number, so that rows can be told apart."""
+    x = data.x.clone()
+    x[:, 0, 0, 0] = torch.arange(len(x)) / len(x)
+    return ImageData(x, data.y)
+
+
+def _ids(x: torch.Tensor, n: int) -> set[int]:
+    return set((x[:, 0, 0, 0] * n).round().long().tolist())
+
+
+def test_the_validation_split_is_apart_from_fine_tuning_and_test_data(lenet, monkeypatch):
+    import services.method.pipeline as pipeline
+
+    train, test = _marked(lenet.train), _marked(lenet.test)
+    run = Run(lenet.model, lenet.spec, train, test, quick_config(select={"max_clean_drop": 0.3}))
+    seen, real_fit = [], pipeline.fit
+
+    def spy(model, x, y, **kw):
+        seen.append(x)
+        return real_fit(model, x, y, **kw)
+
+    monkeypatch.setattr(pipeline, "fit", spy)
+    run.output("finetune")
+    n = len(train)
+    val = _ids(run.val.x, n)
+    assert len(val) == len(run.val) == round(0.1 * n) and _ids(run.train.x, n) | val == set(range(n))
+    assert seen and all(not (_ids(x, n) & val) for x in seen)  # surrogate, control, LADDER: never a validation row
+    assert len(run.output("latents")) == len(run.train)  # the boundary and the generator learn from the rest only
+    assert torch.equal(run.test.x, test.x)  # the test split is the one given, untouched
+    assert set(torch.bincount(run.val.y).tolist()) == {round(0.1 * c) for c in torch.bincount(train.y).tolist()}
+
+
+@pytest.fixture(scope="module")
+def ruined(lenet):
+    """A job whose fine-tuning ruins the model every epoch (lr 20), with a zero budget."""
+    cfg = quick_config(select={"max_clean_drop": 0.0}, finetune={"epochs": 2, "lr": 20.0})
+    store = MemoryStore()
+    return harden(lenet.model, lenet.spec, lenet.train, lenet.test, cfg, store), store
+
+
+def test_a_job_that_every_epoch_makes_worse_returns_the_uploaded_weights_and_says_so(ruined, lenet):
+    result, _ = ruined
+    sel = result.report["selection"]
+    for name in ("control", "ladder"):
+        chosen = sel["models"][name]
+        assert chosen["chosen_epoch"] == 0 and chosen["uploaded_weights"], name
+        assert chosen["why"].startswith("the uploaded weights"), name
+        assert all(not c["within_budget"] for c in chosen["curve"][1:]), name  # it did get worse
+        for k, v in net_weights(lenet.model).items():
+            assert torch.equal(net_weights(result.models[name])[k], v), (name, k)
+        assert result.report["models"][name]["clean_accuracy"] == result.report["models"]["vanilla"]["clean_accuracy"]
+    assert sel["budget_held_on_test"] and sel["max_clean_drop_points"] == 0.0
+
+
+def test_the_chosen_weights_are_the_ones_scored_and_evaluated(lenet):
+    cfg = quick_config(select={"max_clean_drop": 1.0}, finetune={"epochs": 3})
+    run = Run(lenet.model, lenet.spec, lenet.train, lenet.test, cfg)
+    report = run.report()
+    tuned = run.output("finetune")
+    from services.method.select import make_proxy
+    from services.method.pipeline import train_surrogate, validation_seed
+
+    surrogate, _ = train_surrogate(lenet.spec, run.train, cfg)
+    proxy = make_proxy(surrogate, run.val, cfg.select, run.cfg.evaluate, validation_seed(cfg.seed), 10)
+    for name, chosen in report["selection"]["models"].items():
+        model = build_classifier(lenet.spec, tuned["weights"][name])
+        assert score(model, proxy, cfg.select.objective, 500) == chosen["validation"], name  # the stored weights were scored
+        within = [c for c in chosen["curve"] if c["within_budget"]]
+        assert chosen["validation"]["objective"] == max(c["objective"] for c in within), name
+        for k, v in net_weights(run.models()[name]).items():  # and the evaluated model is built from them
+            assert torch.equal(v, tuned["weights"][name][k])
+    assert set(report["selection"]["on_test"]) == {"control", "ladder"}
+    drop = 100 * (report["models"]["vanilla"]["clean_accuracy"] - report["models"]["ladder"]["clean_accuracy"])
+    assert report["selection"]["on_test"]["ladder"]["clean_drop_points"] == pytest.approx(drop)
