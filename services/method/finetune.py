@@ -119,6 +119,7 @@ def fit(
         model.eval()
         if on_epoch is not None:
             on_epoch(epoch + 1, model)
+    model.eval()  # also after zero epochs
     return history
 
 
