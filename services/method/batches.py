@@ -3,9 +3,9 @@
 Only batches that do not define the method are sized by device: evaluation (clean accuracy, the attacks'
 batches, transfer checks), AutoAttack, generation, and the latents' forward passes (no config field). A GPU
 gets batches large enough to keep it busy with a small model; a larger model that runs out of memory halves
-them (backoff.py, shown in the report). The training batches (generator, fine-tuning, surrogate) are hyperparameters of the
-method, the same on every device. The table depends on the device's type only, never on its free memory, so
-that a job with a seed gives the same numbers on any GPU with room for it.
+them (backoff.py, shown in the report). The training batches (generator, fine-tuning, surrogate) are
+hyperparameters of the method, the same on every device. The table depends on the device's type only, never
+on its free memory, so that a job with a seed gives the same numbers on any GPU with room for it.
 """
 
 import torch

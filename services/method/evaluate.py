@@ -69,6 +69,12 @@ def _entry(correct: Tensor, params: dict, examples: Examples | None = None) -> d
     return entry
 
 
+def transfer_config(cfg: EvaluateConfig) -> EvaluateConfig:
+    """The settings transfer examples are crafted with: every PGD step, since an example that only just fools the
+    surrogate transfers poorly."""
+    return cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"pgd_early_stop": False})})
+
+
 def evaluate(
     models: dict[str, nn.Module], surrogate: nn.Module | None, x: Tensor, y: Tensor, cfg: EvaluateConfig, seed: int,
     num_classes: int, ladder: Examples | None = None, progress: Progress = silent,
@@ -95,8 +101,7 @@ def evaluate(
         out[name]["attacks"][setting][attack] = _entry(correct, params, examples)
         robust[setting][name][attack] = per_point(correct, point, int(point.max()) + 1 if len(point) else 0)
 
-    # transfer examples take every PGD step: one that only just fools the surrogate transfers poorly
-    transfer_cfg = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"pgd_early_stop": False})})
+    transfer_cfg = transfer_config(cfg)
     for attack in pixel:
         started = time.perf_counter()
         if attack in runs.get("blackbox", []):

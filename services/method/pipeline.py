@@ -31,7 +31,7 @@ from services.method.finetune import accuracy, fit
 from services.method.generator import fidelity, resolve_preset, train_generator
 from services.method.latents import extract_latents
 from services.method.rank import report_ranks
-from services.method.select import Judge, Selector, make_proxy
+from services.method.select import Judge, Selector, make_proxy, within
 from services.method.models import Classifier, ModelSpec, build_classifier, device_of, load_net_weights, net_weights, prepare
 from services.method.perturb import calibrate, directions, generate, random_targets
 from services.method.progress import Progress, silent
@@ -261,20 +261,20 @@ class Run:
         weights, history, seconds, chosen = {}, {}, {}, {}
         runs = self.trainings(adv)
         out: dict[str, Any] = {}
-        judge = uploaded = None
+        judge = uploaded = uploaded_weights = None
         if self.val is not None:  # every model's checkpoints judged on the same proxy, the uploaded model's first
             started = time.perf_counter()
             surrogate, _ = train_surrogate(self.spec, self.train, self.cfg, device=self.device)
             proxy = make_proxy(surrogate, self.val, self.cfg.select, self.cfg.evaluate,
                                validation_seed(self.cfg.seed), self.spec.num_classes)
             judge = Judge(proxy, self.cfg.select.objective, self.cfg.evaluate.batch_size)
-            uploaded = judge(self.model)
+            uploaded, uploaded_weights = judge(self.model), net_weights(self.model)  # every model's epoch 0
             out["surrogate"] = net_weights(surrogate)  # the evaluation's, trained once
             out["selection_seconds"] = time.perf_counter() - started
         for i, (name, how) in enumerate(runs.items()):
             started = time.perf_counter()
-            selector = None if judge is None else Selector(uploaded, net_weights(self.model),
-                                                           self.cfg.select.max_clean_drop, judge)
+            selector = None if judge is None else Selector(uploaded, uploaded_weights, self.cfg.select.max_clean_drop,
+                                                           judge)
             weights[name], history[name] = self.finetune_one(
                 how, lambda s, frac, met, i=i: self.progress("finetune", (i + frac) / len(runs), met), selector=selector)
             if selector is not None:
@@ -440,7 +440,7 @@ class Run:
         on_test = {}
         for name in tuned["selection"]:
             drop = 100 * (vanilla - ev["models"][name]["clean_accuracy"])
-            on_test[name] = {"clean_drop_points": drop, "within_budget": drop <= sel.max_clean_drop + 1e-9}
+            on_test[name] = {"clean_drop_points": drop, "within_budget": within(drop, sel.max_clean_drop)}
         return {
             "max_clean_drop_points": sel.max_clean_drop, "objective": sel.objective,
             "validation": {"n": len(self.val), "robust_points": min(sel.robust_points, len(self.val)),

@@ -17,12 +17,16 @@ from torch import Tensor, nn
 from services.datasets import ImageData, balanced_order
 from services.method.attacks import craft
 from services.method.config import EvaluateConfig, SelectConfig
-from services.method.evaluate import correct_rows, fraction
+from services.method.evaluate import correct_rows, fraction, transfer_config
 from services.method.models import net_weights
 
 # objective -> the transfer attacks it needs
 PROXY_ATTACKS = {"transfer_pgd": ("pgd",), "transfer_worst": ("fgsm", "pgd")}
-_TOLERANCE = 1e-9  # a drop equal to the budget is within it, whatever the float rounding
+
+
+def within(drop_points: float, budget_points: float) -> bool:
+    """Whether a clean drop keeps to the budget; one equal to it does, whatever the float rounding."""
+    return drop_points <= budget_points + 1e-9
 
 
 @dataclass
@@ -41,9 +45,7 @@ def make_proxy(surrogate: nn.Module, val: ImageData, cfg: SelectConfig, ev: Eval
     """The validation points (in a class-balanced order) and their transfer examples, crafted once."""
     val = val.subset(balanced_order(val.y, torch.Generator().manual_seed(seed)))
     n = min(cfg.robust_points, len(val))
-    # every PGD step, as the report's transfer examples take (evaluate.py)
-    transfer = ev.model_copy(update={"attack": ev.attack.model_copy(update={"pgd_early_stop": False}),
-                                     "max_samples": None})
+    transfer = transfer_config(ev).model_copy(update={"max_samples": None})  # crafted as the report's are
     adversarial, point = {}, torch.arange(n)
     for k, attack in enumerate(PROXY_ATTACKS[cfg.objective]):
         crafted = craft(attack, surrogate, val.x[:n], val.y[:n], transfer, seed + 1 + k, num_classes)
@@ -98,9 +100,9 @@ class Selector:
 
     def offer(self, epoch: int, s: dict[str, float], weights: Callable[[], dict[str, Tensor]]) -> None:
         """Epoch `epoch`'s score; `weights()` copies its weights, called only when it is the best so far."""
-        within = self.drop(s) <= self.budget_points + _TOLERANCE
-        self.curve.append({"epoch": epoch, **s, "clean_drop_points": self.drop(s), "within_budget": within})
-        if within and (s["objective"], s["clean"]) > (self.best["objective"], self.best["clean"]):
+        ok = within(self.drop(s), self.budget_points)
+        self.curve.append({"epoch": epoch, **s, "clean_drop_points": self.drop(s), "within_budget": ok})
+        if ok and (s["objective"], s["clean"]) > (self.best["objective"], self.best["clean"]):
             self.best, self.epoch, self.weights = s, epoch, weights()
 
     def on_epoch(self, epoch: int, model: nn.Module) -> None:

@@ -377,6 +377,12 @@ def _verdict(report: Mapping, settings: list[str]) -> tuple[list[str], list[str]
     return sentences, warnings
 
 
+def _colors(keys: list[str]) -> dict[str, str]:
+    """A colour per model, by display name: the model's own in MODEL_ORDER, the next free ones for the others."""
+    return {model_name(k): plots.PALETTE[MODEL_ORDER.index(k) % len(plots.PALETTE)] if k in MODEL_ORDER
+            else plots.PALETTE[(len(MODEL_ORDER) + i) % len(plots.PALETTE)] for i, k in enumerate(keys)}
+
+
 def _tradeoff(report: Mapping, settings: list[str]) -> dict | None:
     models = _models(report)
     pts = []
@@ -387,9 +393,7 @@ def _tradeoff(report: Mapping, settings: list[str]) -> dict | None:
                 pts.append((model_name(k), s, 100 * c, 100 * w))
     if not pts:
         return None
-    colors = {model_name(k): plots.PALETTE[MODEL_ORDER.index(k) % len(plots.PALETTE)] if k in MODEL_ORDER
-              else plots.PALETTE[(len(MODEL_ORDER) + i) % len(plots.PALETTE)] for i, k in enumerate(models)}
-    return _img(plots.tradeoff(pts, colors), "Clean accuracy against worst-case robust accuracy per model and setting")
+    return _img(plots.tradeoff(pts, _colors(list(models))), "Clean accuracy against worst-case robust accuracy per model and setting")
 
 
 def _calibration(report: Mapping) -> dict | None:
@@ -486,10 +490,9 @@ def _selection(report: Mapping) -> dict | None:
     sel = report.get("selection")
     if not sel:
         return None
-    models = {k: v for k, v in (sel.get("models") or {}).items()}
+    models = sel.get("models") or {}
     order = _ordered(list(models), MODEL_ORDER)
-    colors = {model_name(k): plots.PALETTE[MODEL_ORDER.index(k) % len(plots.PALETTE)] if k in MODEL_ORDER
-              else plots.PALETTE[(len(MODEL_ORDER) + i) % len(plots.PALETTE)] for i, k in enumerate(order)}
+    colors = _colors(order)
     curves = {model_name(k): [(c["epoch"], c["clean_drop_points"], c["objective"]) for c in models[k]["curve"]]
               for k in order}
     chosen = {model_name(k): models[k]["chosen_epoch"] for k in order}
