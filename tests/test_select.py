@@ -43,7 +43,7 @@ def test_a_zero_budget_and_every_epoch_worse_returns_the_uploaded_weights_and_sa
         sel.offer(k, {"clean": 0.9 - 0.01 * k, "objective": 0.9}, lambda: pytest.fail("a worse epoch's weights were copied"))
     out = sel.summary()
     assert out["chosen_epoch"] == 0 and out["uploaded_weights"] and sel.weights is WEIGHTS
-    assert "no epoch kept the validation clean drop within the budget" in out["why"]
+    assert "no checkpoint kept the validation clean drop within the budget" in out["why"]
     equal = _selector(0.0)
     equal.offer(1, {"clean": 0.9, "objective": 0.2}, lambda: pytest.fail("a tie with the uploaded model was copied"))
     assert equal.summary()["chosen_epoch"] == 0 and "beat the uploaded model" in equal.summary()["why"]
@@ -124,3 +124,25 @@ def test_the_chosen_weights_are_the_ones_scored_and_evaluated(lenet):
     assert set(report["selection"]["on_test"]) == {"control", "ladder"}
     drop = 100 * (report["models"]["vanilla"]["clean_accuracy"] - report["models"]["ladder"]["clean_accuracy"])
     assert report["selection"]["on_test"]["ladder"]["clean_drop_points"] == pytest.approx(drop)
+
+
+def test_checks_within_an_epoch_are_evenly_spaced_and_leave_the_training_as_it_was(lenet):
+    from services.method.finetune import fit
+
+    x, y = lenet.train.x[:640], lenet.train.y[:640]  # 10 steps an epoch
+    kw = dict(epochs=2, lr=0.01, momentum=0.5, batch_size=64, seed=3)
+    seen, modes = [], []
+
+    def check(position, model):
+        seen.append(position)
+        modes.append(model.training)
+
+    plain, checked = build_classifier(lenet.spec, net_weights(lenet.model)), build_classifier(lenet.spec, net_weights(lenet.model))
+    fit(plain, x, y, **kw)
+    fit(checked, x, y, **kw, on_check=check, checks_per_epoch=4)
+    assert seen == [0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2] and not any(modes)  # scored in eval mode
+    for k, v in net_weights(plain).items():
+        assert torch.equal(v, net_weights(checked)[k]), k
+    seen.clear()
+    fit(build_classifier(lenet.spec), x[:64], y[:64], **kw, on_check=check, checks_per_epoch=4)  # one step an epoch
+    assert seen == [1, 2]

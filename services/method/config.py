@@ -216,6 +216,8 @@ class SelectConfig(_Section):
     validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="of the training data, stratified; used by no "
                                                                       "stage's training and in no reported number")
     robust_points: int = Field(500, ge=10, description="validation points the transfer examples are crafted from")
+    checks_per_epoch: int = Field(4, ge=1, le=100, description="checkpoints scored per epoch, evenly spaced in steps, "
+                                                               "the last at the epoch's end")
 
 
 class LadderConfig(_Section):

@@ -46,14 +46,17 @@ def fit(
     stage: str = "finetune",
     progress: Progress = silent,
     precision: str = "fp32",
-    on_epoch: Callable[[int, nn.Module], None] | None = None,
+    on_check: Callable[[float, nn.Module], None] | None = None,
+    checks_per_epoch: int = 1,
 ) -> list[float]:
     """Train `model` in place with SGD for `epochs` passes over (x, y); returns the mean loss per epoch.
 
     The loss is α·L(x, y) + (1 − α)·CE(f(x̂), y), x̂ from `extra` (a generated set) or `craft` (made per
     batch). L is CE, or with `trades = (β, craft)` TRADES' CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' crafted
-    per batch. α = 0 drops the clean term (PGD-AT as in Madry et al.). `on_epoch(k, model)` hears of the end of
-    epoch k (1-based), the model in eval mode (checkpoint selection, select.py). `precision` (numerics.training) applies to
+    per batch. α = 0 drops the clean term (PGD-AT as in Madry et al.). `on_check(position, model)` is called
+    `checks_per_epoch` times an epoch, evenly spaced in steps, the last at the epoch's end, with the model in eval
+    mode and its position in epochs (1, 2, … with one check an epoch; 0.25, 0.5, … with four): checkpoint selection,
+    select.py. It draws no random number, so the training is the same with or without it. `precision` (numerics.training) applies to
     the step's forward and backward, not to the crafting of x̂ or x'. `schedule`: the learning rate stays at
     `lr` ("constant", the paper's) or follows a cosine from `lr` towards 0 over all steps ("cosine": step k of K takes lr·½(1 + cos(πk/K))).
     """
@@ -67,6 +70,7 @@ def fit(
     batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     steps = math.ceil(len(x) / batch_size)
+    checks = {math.ceil(steps * j / checks_per_epoch) - 1: j for j in range(1, checks_per_epoch + 1)}  # step -> j
     x, y = placement.inputs(device, x, y)
     if extra is not None:
         extra = placement.inputs(device, *extra)
@@ -115,10 +119,12 @@ def fit(
             total += loss.detach()
             if i == steps - 1 or report():
                 progress(stage, (epoch + (i + 1) / steps) / epochs, {"loss": total.item() / (i + 1)})
+            if on_check is not None and i in checks:
+                model.eval()
+                j = checks[i]
+                on_check(epoch + 1 if j == checks_per_epoch else round(epoch + j / checks_per_epoch, 4), model)
+                model.train()
         history.append(total.item() / steps)
-        model.eval()
-        if on_epoch is not None:
-            on_epoch(epoch + 1, model)
     model.eval()  # also after zero epochs
     return history
 

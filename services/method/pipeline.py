@@ -294,7 +294,8 @@ class Run:
         m = copy.deepcopy(self.model)
         history = fit(m, train.x, train.y, epochs=f.epochs, lr=f.lr, momentum=f.momentum, batch_size=f.batch_size,
                       schedule=f.lr_schedule, seed=stage_seed(self.cfg.seed, "finetune"), **how, progress=progress,
-                      precision=self.cfg.precision, on_epoch=None if selector is None else selector.on_epoch)
+                      precision=self.cfg.precision, on_check=None if selector is None else selector.on_check,
+                      checks_per_epoch=self.cfg.select.checks_per_epoch)
         return (net_weights(m) if selector is None else selector.weights), history
 
     def models(self) -> dict[str, Classifier]:

@@ -1,6 +1,6 @@
 """Checkpoint selection on a validation split: the most robust checkpoint within a clean-accuracy budget.
 
-Each fine-tuned model is scored after every epoch on validation data that is neither trained on nor reported:
+Each fine-tuned model is scored during its training (`select.checks_per_epoch` times an epoch) on validation data that is neither trained on nor reported:
 its clean accuracy on every validation point, and a cheap robustness proxy, its accuracy on transfer examples
 crafted once from the surrogate on a fixed, class-balanced subset of them. The uploaded model is scored the
 same way and is always a candidate (epoch 0), so a job never returns a model worse than the one it got, by its
@@ -79,15 +79,15 @@ class Judge:
 
 @dataclass
 class Selector:
-    """One model's checkpoints, offered epoch by epoch; keeps the best one within the budget (the uploaded model,
-    epoch 0, until an epoch beats it)."""
+    """One model's checkpoints, offered in training order; keeps the best one within the budget (the uploaded model,
+    epoch 0, until a checkpoint beats it)."""
 
     uploaded: dict[str, float]
     uploaded_weights: dict[str, Tensor]
     budget_points: float
-    judge: Judge | None = None  # for on_epoch
+    judge: Judge | None = None  # for on_check
     curve: list[dict] = field(default_factory=list)
-    epoch: int = 0
+    epoch: float = 0
     weights: dict[str, Tensor] | None = None
 
     def __post_init__(self) -> None:
@@ -98,26 +98,28 @@ class Selector:
     def drop(self, s: dict[str, float]) -> float:
         return 100 * (self.uploaded["clean"] - s["clean"])
 
-    def offer(self, epoch: int, s: dict[str, float], weights: Callable[[], dict[str, Tensor]]) -> None:
-        """Epoch `epoch`'s score; `weights()` copies its weights, called only when it is the best so far."""
+    def offer(self, epoch: float, s: dict[str, float], weights: Callable[[], dict[str, Tensor]]) -> None:
+        """The score of the checkpoint at `epoch` (in epochs, 0.25 = a quarter of the first); `weights()` copies its
+        weights, called only when it is the best so far."""
         ok = within(self.drop(s), self.budget_points)
         self.curve.append({"epoch": epoch, **s, "clean_drop_points": self.drop(s), "within_budget": ok})
         if ok and (s["objective"], s["clean"]) > (self.best["objective"], self.best["clean"]):
             self.best, self.epoch, self.weights = s, epoch, weights()
 
-    def on_epoch(self, epoch: int, model: nn.Module) -> None:
-        """fit's hook: score the model as it is at the end of `epoch` and offer it."""
+    def on_check(self, epoch: float, model: nn.Module) -> None:
+        """fit's hook: score the model as it is at `epoch` and offer it."""
         self.offer(epoch, self.judge(model), lambda: net_weights(model))
 
     def summary(self) -> dict:
-        """For the report: the epoch chosen (0 = the uploaded weights), why, and the validation curve."""
+        """For the report: the checkpoint chosen (its position in epochs; 0 = the uploaded weights), why, and the
+        validation curve."""
         if self.epoch == 0:
             feasible = [c for c in self.curve[1:] if c["within_budget"]]
-            why = ("no epoch kept the validation clean drop within the budget" if not feasible else
-                   "no epoch within the budget beat the uploaded model's objective")
+            why = ("no checkpoint kept the validation clean drop within the budget" if not feasible else
+                   "no checkpoint within the budget beat the uploaded model's objective")
             why = f"the uploaded weights: {why}"
         else:
-            why = (f"epoch {self.epoch}: the best objective among the epochs whose validation clean drop is within "
-                   f"{self.budget_points:g} points")
+            why = (f"epoch {self.epoch:g}: the best objective among the checkpoints whose validation clean drop is "
+                   f"within {self.budget_points:g} points")
         return {"chosen_epoch": self.epoch, "uploaded_weights": self.epoch == 0, "why": why,
                 "validation": self.best, "curve": self.curve}
