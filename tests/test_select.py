@@ -146,3 +146,54 @@ def test_checks_within_an_epoch_are_evenly_spaced_and_leave_the_training_as_it_w
     seen.clear()
     fit(build_classifier(lenet.spec), x[:64], y[:64], **kw, on_check=check, checks_per_epoch=4)  # one step an epoch
     assert seen == [1, 2]
+
+
+def _ranked(budget: float) -> Selector:
+    return Selector({"clean": 0.9, "transfer_pgd": 0.2, "transfer_fgsm": 0.4, "objective": None}, WEIGHTS, budget)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_rank_objective_chooses_the_lowest_average_rank_among_the_feasible_checkpoints(seed):
+    from services.method.rank import average_rank
+
+    rnd = random.Random(seed)
+    sel = _ranked(0.5)
+    scores = [{"clean": round(0.9 + rnd.uniform(-0.01, 0.005), 3), "transfer_pgd": round(rnd.uniform(0, 0.5), 2),
+               "transfer_fgsm": round(rnd.uniform(0.2, 0.6), 2), "objective": None} for _ in range(12)]
+    copied = []
+    for k, s in enumerate(scores, 1):
+        sel.offer(k / 4, s, lambda k=k: copied.append(k) or {"w": torch.full((1,), k / 4)})
+    out = sel.summary()
+    feasible = [(0, {"clean": 0.9, "transfer_pgd": 0.2, "transfer_fgsm": 0.4})] + [
+        (k / 4, s) for k, s in enumerate(scores, 1) if 100 * (0.9 - s["clean"]) <= 0.5 + 1e-9]
+    ranks = average_rank({e: {c: s[c] for c in ("clean", "transfer_pgd", "transfer_fgsm")} for e, s in feasible})
+    best = min(feasible, key=lambda f: (ranks[f[0]], -f[1]["clean"], f[0]))[0]
+    assert out["chosen_epoch"] == best and float(sel.weights["w"] if best else 0) == best
+    assert out["validation"]["objective"] == ranks[best]
+    assert [c["objective"] for c in out["curve"] if c["within_budget"]] == list(ranks.values())
+    assert all(c["objective"] is None for c in out["curve"] if not c["within_budget"])
+    assert len(copied) < len(scores) or len(feasible) == len(scores) + 1  # a dominated checkpoint is not copied
+
+
+def test_rank_keeps_the_uploaded_weights_when_no_checkpoint_beats_them():
+    sel = _ranked(0.1)
+    sel.offer(1, {"clean": 0.9, "transfer_pgd": 0.2, "transfer_fgsm": 0.4, "objective": None}, lambda: pytest.fail("a tie was copied"))
+    sel.offer(2, {"clean": 0.899, "transfer_pgd": 0.19, "transfer_fgsm": 0.4, "objective": None}, lambda: pytest.fail("a dominated one was copied"))
+    sel.offer(3, {"clean": 0.5, "transfer_pgd": 0.9, "transfer_fgsm": 0.9, "objective": None}, lambda: pytest.fail("beyond the budget"))
+    out = sel.summary()
+    assert out["uploaded_weights"] and sel.weights is WEIGHTS and "average rank" in out["why"]
+
+
+@pytest.mark.parametrize("objective", ["transfer_autoattack", "rank"])
+def test_a_job_selects_by_transfer_autoattack_and_by_rank(lenet, objective):
+    cfg = quick_config(select={"max_clean_drop": 1.0, "objective": objective, "robust_points": 50}, finetune={"epochs": 1})
+    result = harden(lenet.model, lenet.spec, lenet.train, lenet.test, cfg)
+    sel = result.report["selection"]
+    for name, chosen in sel["models"].items():
+        assert "transfer_autoattack" in chosen["validation"], name
+        feasible = [c for c in chosen["curve"] if c["within_budget"]]
+        if objective == "rank":
+            assert chosen["validation"]["objective"] == min(c["objective"] for c in feasible), name
+        else:
+            assert chosen["validation"]["objective"] == max(c["objective"] for c in feasible), name
+    assert "Checkpoint selection" in result.html

@@ -210,9 +210,11 @@ class SelectConfig(_Section):
     max_clean_drop: float | None = Field(
         None, ge=0, le=100, description="points of validation clean accuracy a model may lose against the uploaded "
                                         "model; null = off: the last epoch's weights, no validation split")
-    objective: Literal["transfer_pgd", "transfer_worst"] = Field(
-        "transfer_pgd", description="maximised within the budget: validation accuracy under PGD transferred from the "
-                                    "surrogate, or the worse of transfer FGSM and PGD")
+    objective: Literal["transfer_pgd", "transfer_worst", "transfer_autoattack", "rank"] = Field(
+        "transfer_pgd", description="chosen within the budget: the best validation accuracy under PGD transferred from "
+                                    "the surrogate, the worse of transfer FGSM and PGD, transfer AutoAttack, or the best "
+                                    "average rank among the model's checkpoints over clean accuracy and transfer FGSM, "
+                                    "PGD and AutoAttack")
     validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="of the training data, stratified; used by no "
                                                                       "stage's training and in no reported number")
     robust_points: int = Field(500, ge=10, description="validation points the transfer examples are crafted from")

@@ -296,7 +296,7 @@ class Run:
                       schedule=f.lr_schedule, seed=stage_seed(self.cfg.seed, "finetune"), **how, progress=progress,
                       precision=self.cfg.precision, on_check=None if selector is None else selector.on_check,
                       checks_per_epoch=self.cfg.select.checks_per_epoch)
-        return (net_weights(m) if selector is None else selector.weights), history
+        return (net_weights(m) if selector is None else selector.finish()), history
 
     def models(self) -> dict[str, Classifier]:
         """vanilla, control, ladder and the variants, built from the finetune stage's weights."""

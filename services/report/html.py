@@ -486,6 +486,15 @@ def _finetune(report: Mapping) -> list[dict]:
     return out
 
 
+OBJECTIVE_TEXT = {"rank": "average rank (over clean accuracy and transfer FGSM, PGD and AutoAttack, among the "
+                          "model's checkpoints; lower is better)"}
+
+
+def _objective(value: float | None, objective: str | None) -> str:
+    """A checkpoint's objective: a percentage, or for the rank objective an average rank."""
+    return "n/a" if value is None else (f"{value:.2f}" if objective == "rank" else pct(value))
+
+
 def _selection(report: Mapping) -> dict | None:
     sel = report.get("selection")
     if not sel:
@@ -499,16 +508,16 @@ def _selection(report: Mapping) -> dict | None:
     on_test = sel.get("on_test") or {}
     rows = [{"name": model_name(k), "epoch": "uploaded weights" if models[k]["uploaded_weights"] else models[k]["chosen_epoch"],
              "why": models[k]["why"], "val_clean": pct(models[k]["validation"]["clean"]),
-             "val_objective": pct(models[k]["validation"]["objective"]),
+             "val_objective": _objective(models[k]["validation"]["objective"], sel.get("objective")),
              "test_drop": points(-on_test[k]["clean_drop_points"] / 100) if k in on_test else "n/a",
              "held": "yes" if (on_test.get(k) or {}).get("within_budget") else "no"} for k in order]
     val = sel.get("validation") or {}
-    return {"budget": fmt(sel.get("max_clean_drop_points")), "objective": str(sel.get("objective", "")).replace("_", " "),
+    return {"budget": fmt(sel.get("max_clean_drop_points")), "objective": OBJECTIVE_TEXT.get(str(sel.get("objective")), str(sel.get("objective", "")).replace("_", " ")),
             "n": _count(val.get("n")), "robust_n": _count(val.get("robust_points")), "rows": rows,
             "held": bool(sel.get("budget_held_on_test")),
             "plot": _img(plots.selection_curve(curves, chosen, float(sel.get("max_clean_drop_points") or 0),
                                                str(sel.get("objective", "")), colors),
-                         "Validation clean drop and objective per epoch, per model")}
+                         "Validation clean drop and objective per checkpoint, per model")}
 
 
 def _autoattack(evaluation: Mapping) -> dict | None:

@@ -180,10 +180,13 @@ def crossing_curve(eps: Sequence[float], rate: Sequence[float], chosen: Sequence
     return _png(fig)
 
 
-def selection_curve(curves: Mapping[str, Sequence[tuple[int, float, float]]], chosen: Mapping[str, int],
+def selection_curve(curves: Mapping[str, Sequence[tuple[float, float, float | None]]], chosen: Mapping[str, float],
                     budget_points: float, objective: str, colors: Mapping[str, str]) -> bytes:
-    """Checkpoint selection: per model, validation clean drop (points, left) and the objective (%, right) against the
-    epoch (0 = the uploaded model); the budget as a dashed line, each model's chosen epoch ringed."""
+    """Checkpoint selection: per model, validation clean drop (points, left) and the objective (%, right; the rank
+    objective: average rank, no unit, lower is better) against the checkpoint's epoch (0 = the uploaded model); the
+    budget as a dashed line, each model's chosen checkpoint ringed. A checkpoint without an objective (rank, outside
+    the budget) has no dotted point."""
+    scale = 1 if objective == "rank" else 100
     fig = Figure(figsize=(WIDTH_IN, 3.6))
     ax = fig.add_subplot()
     _style(ax)
@@ -191,15 +194,17 @@ def selection_curve(curves: Mapping[str, Sequence[tuple[int, float, float]]], ch
     for name, pts in curves.items():
         c = colors.get(name, PALETTE[0])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, linewidth=1.4, marker="o", markersize=3, label=name)
-        right.plot([p[0] for p in pts], [100 * p[2] for p in pts], color=c, linewidth=1.0, linestyle=":", marker="s",
-                   markersize=3)
+        scored = [p for p in pts if p[2] is not None]
+        right.plot([p[0] for p in scored], [scale * p[2] for p in scored], color=c, linewidth=1.0, linestyle=":",
+                   marker="s", markersize=3)
         at = [p for p in pts if p[0] == chosen.get(name)]
         if at:
             ax.plot([at[0][0]], [at[0][1]], marker="o", markersize=9, markerfacecolor="none", markeredgecolor=c, zorder=4)
     ax.axhline(budget_points, color="#999999", linestyle="--", linewidth=0.9)
     ax.set_xlabel("epoch (0 = the uploaded model)", fontsize=FONT)
     ax.set_ylabel("validation clean drop (points, solid)", fontsize=FONT)
-    right.set_ylabel(f"{objective.replace('_', ' ')} on validation (%, dotted)", fontsize=FONT)
+    right.set_ylabel("average rank on validation (lower is better, dotted)" if objective == "rank" else
+                     f"{objective.replace('_', ' ')} on validation (%, dotted)", fontsize=FONT)
     right.tick_params(labelsize=FONT - 1)
     if ax.get_legend_handles_labels()[0]:
         leg = ax.legend(fontsize=FONT - 1, loc="upper left", frameon=False)
