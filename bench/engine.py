@@ -10,6 +10,9 @@ For each seed, in one process run:
    the server starts fresh for it and its start-up is recorded apart. The CLI runs first on even
    seeds, the service on odd ones. Both reports must give the same accuracies (same seed, CPU),
    else the script exits with an error after writing its results;
+2c. time the same `ladder harden` with the clean-accuracy budget switched (`--budget`, 0.3 points, on if the
+   config has it off, else off): `budget_cost_ratio` = with / without, in the same order-alternated run, and what
+   the budget changed (the chosen checkpoints, the accuracies);
 3. fine-tune the same vanilla weights with PGD-AT (Madry: L∞ ε = 0.3, 10 steps of 2.5ε/10,
    random start, adversarial loss only) for the same epochs, batch size and learning rate;
 4. evaluate PGD-AT against the same surrogate and the same transfer examples as the report
@@ -17,7 +20,7 @@ For each seed, in one process run:
 5. time generation (directions + G) against G's pure forward pass on the same latents.
 
 Writes bench/results/engine.json and prints a markdown summary for docs/benchmarks.md.
-Run:  .venv/bin/python bench/engine.py [--seeds 0 1 2] [--config '{"finetune": {"alpha": 0.75}}' --out FILE]
+Run:  .venv/bin/python bench/engine.py [--seeds 0 1 2] [--budget 0.3] [--config '{"finetune": {"alpha": 0.75}}' --out FILE]
 Needs nothing running: the embedded server keeps its state (SQLite, artifacts) in the run's temp folder.
 """
 
@@ -116,7 +119,7 @@ def _accuracies(report: dict) -> dict:
             for name, m in report["models"].items()}
 
 
-def run_seed(seed: int, work: Path, overrides: dict) -> dict:
+def run_seed(seed: int, work: Path, overrides: dict, budget: float | None) -> dict:
     """Everything for one seed; returns its raw numbers."""
     train, test = stratified_split(mnist5k(), 0.2, 0)
     torch.manual_seed(seed)
@@ -132,11 +135,18 @@ def run_seed(seed: int, work: Path, overrides: dict) -> dict:
     save_npz(test, files["test"])
     config = LadderConfig.model_validate({**overrides, "seed": seed})
     files["config"].write_text(config.model_dump_json())
+    # the same command with the budget switched: on at `budget` points if the config has it off, else off
+    other = config.model_copy(update={"select": config.select.model_copy(
+        update={"max_clean_drop": budget if config.select.max_clean_drop is None else None})})
+    budget_files = {**files, "config": run / "config-budget.json"}
+    budget_files["config"].write_text(other.model_dump_json())
     # alternate the order, so whatever the first run warms (page cache, CPU clocks) favours neither side on average
     first = "cli" if seed % 2 == 0 else "service"
     if first == "cli":
         cli, service = run_cli(run, files), run_service(run, files)
+        switched = run_cli(run / "budget", budget_files) if budget is not None else None
     else:
+        switched = run_cli(run / "budget", budget_files) if budget is not None else None
         service, cli = run_service(run, files), run_cli(run, files)
     harden_seconds, report = cli["seconds"], cli["report"]
     service_stages = service["report"]["stage_seconds"]
@@ -185,6 +195,24 @@ def run_seed(seed: int, work: Path, overrides: dict) -> dict:
         "calibration": report["calibration"]["table"],
         "surrogate": report["surrogate"],
         "models": _accuracies({"models": models}),
+        **({} if switched is None else {"budget": _budget_leg(cli, switched, config.select.max_clean_drop is None)}),
+    }
+
+
+def _budget_leg(cli: dict, switched: dict, switched_on: bool) -> dict:
+    """The same `ladder harden` with the clean-accuracy budget on against off: the wall-time ratio (the cost of the
+    validation passes, less the work the smaller training split saves) and what the budget changed."""
+    on, off = (switched, cli) if switched_on else (cli, switched)
+    sel = on["report"]["selection"]
+    return {
+        "max_clean_drop_points": sel["max_clean_drop_points"],
+        "on_seconds": on["seconds"], "off_seconds": off["seconds"],
+        "budget_cost_ratio": on["seconds"] / off["seconds"],
+        "selection_seconds": sel["seconds"],
+        "chosen_epoch": {k: m["chosen_epoch"] for k, m in sel["models"].items()},
+        "budget_held_on_test": sel["budget_held_on_test"],
+        "stage_seconds_on": on["report"]["stage_seconds"], "finetune_seconds_on": on["report"]["finetune"]["seconds"],
+        "models_on": _accuracies(on["report"]), "models_off": _accuracies(off["report"]),
     }
 
 
@@ -211,6 +239,13 @@ def summarise(runs: list[dict]) -> dict:
         "clean_accuracy_delta_vs_control": clean_delta,
         "transfer_pgd_accuracy_delta_vs_control": pgd_delta,
     }
+    if all("budget" in r for r in runs):
+        b = lambda f: [f(r["budget"]) for r in runs]  # noqa: E731
+        per_run.update(
+            budget_cost_ratio=b(lambda r: r["budget_cost_ratio"]),
+            budget_clean_delta_vs_control=b(lambda r: 100 * (r["models_on"]["ladder"]["clean"] - r["models_on"]["control"]["clean"])),
+            budget_ladder_clean_delta_vs_vanilla=b(lambda r: 100 * (r["models_on"]["ladder"]["clean"] - r["models_on"]["vanilla"]["clean"])),
+            budget_transfer_pgd_delta_vs_vanilla=b(lambda r: 100 * (r["models_on"]["ladder"]["blackbox_pgd"] - r["models_on"]["vanilla"]["blackbox_pgd"])))
     return {
         **{k: statistics.fmean(v) for k, v in per_run.items()},
         "reports_agree": all(r["reports_agree"] for r in runs),
@@ -237,8 +272,15 @@ def markdown(summary: dict) -> str:
         f"| generation / pure G forward throughput | {f('generation_vs_forward_throughput')} |",
         f"| LADDER − control, clean accuracy (points) | {f('clean_accuracy_delta_vs_control')} |",
         f"| LADDER − control, transfer PGD accuracy (points) | {f('transfer_pgd_accuracy_delta_vs_control')} |",
-        "", "| model | clean | transfer FGSM | transfer PGD | white-box FGSM | white-box PGD |", "|---|---|---|---|---|---|",
     ]
+    if "budget_cost_ratio" in s:
+        lines += [
+            f"| `ladder harden` with / without the clean-accuracy budget, wall time (target ≤ 1.15) | {f('budget_cost_ratio')} |",
+            f"| with the budget: LADDER − control, clean accuracy (points) | {f('budget_clean_delta_vs_control')} |",
+            f"| with the budget: LADDER − vanilla, clean accuracy (points) | {f('budget_ladder_clean_delta_vs_vanilla')} |",
+            f"| with the budget: LADDER − vanilla, transfer PGD accuracy (points) | {f('budget_transfer_pgd_delta_vs_vanilla')} |",
+        ]
+    lines += ["", "| model | clean | transfer FGSM | transfer PGD | white-box FGSM | white-box PGD |", "|---|---|---|---|---|---|"]
     for name, m in summary["models"].items():
         cell = lambda k: f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}"  # noqa: E731
         lines.append(f"| {name} | {cell('clean')} | {cell('blackbox_fgsm')} | {cell('blackbox_pgd')} | "
@@ -256,20 +298,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", type=json.loads, default={}, help="LadderConfig overrides as JSON (default: none)")
+    parser.add_argument("--budget", type=float, default=0.3,
+                        help="also run `ladder harden` with select.max_clean_drop at this many points (or off, if the "
+                             "config sets it), for budget_cost_ratio; a negative value skips it")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/engine.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         runs = []
         for seed in args.seeds:
-            runs.append(run_seed(seed, Path(tmp), args.config))
+            runs.append(run_seed(seed, Path(tmp), args.config, None if args.budget < 0 else args.budget))
             r = runs[-1]
             print(f"seed {seed}: harden {r['harden_seconds']:.0f}s, service {r['service_job_seconds']:.0f}s "
                   f"(×{r['service_vs_cli_cpu']:.3f}, {r['first']} first), reports agree: {r['reports_agree']}",
                   file=sys.stderr, flush=True)
     summary = summarise(runs)
     result = {
-        "command": " ".join(["python bench/engine.py --seeds", *map(str, args.seeds)]
+        "command": " ".join(["python bench/engine.py --seeds", *map(str, args.seeds), "--budget", str(args.budget)]
                             + ([f"--config '{json.dumps(args.config)}'"] if args.config else [])),
         "date": time.strftime("%Y-%m-%d"),
         "config_overrides": args.config,

@@ -48,6 +48,50 @@ def test_paper_mnist_smoke_run_writes_the_table_and_a_report_shaped_json(tmp_pat
 
 
 @pytest.mark.slow
+def test_paper_mnist_smoke_run_with_a_budget_selects_every_model_and_judges_it_on_the_whole_test_set(tmp_path):
+    out = tmp_path / "budget.json"
+    result = _smoke("paper_mnist.py", out, "--core", "--max-clean-drop", "0.3")
+    sel = result["selection"]
+    assert result["protocol"]["max_clean_drop"] == 0.3 == sel["max_clean_drop_points"] and not result["extra_models"]
+    assert set(sel["models"]) == {"control", "ladder"} and result["protocol"]["validation"] == sel["validation"]["n"] == 300
+    vanilla = result["models"]["vanilla"]["clean_accuracy"]
+    for name, chosen in sel["models"].items():
+        assert all(c["clean_drop_points"] <= 0.3 + 1e-9 for c in chosen["curve"] if c["epoch"] == chosen["chosen_epoch"])
+        judged = sel["on_test"][name]
+        drop = 100 * (vanilla - result["models"][name]["clean_accuracy"])  # the whole test set's
+        assert judged["full_test_clean_drop_points"] == pytest.approx(drop)
+        assert judged["full_test_within_budget"] == (drop <= 0.3 + 1e-9)
+    table = out.with_suffix(".md").read_text()
+    assert "Checkpoint selection: budget 0.3 clean points" in table and "| LADDER | " in table.split("Checkpoint selection")[1]
+
+
+def test_engine_bench_budget_leg_is_the_ratio_of_its_recorded_times():
+    from bench.engine import _budget_leg, markdown, summarise
+
+    def report(ladder_clean, selection=None):
+        models = {k: {"clean_accuracy": c, "attacks": {"blackbox": {"pgd": {"accuracy": 0.1 * c}}}}
+                  for k, c in (("vanilla", 0.98), ("control", 0.985), ("ladder", ladder_clean))}
+        return {"models": models, "selection": selection, "stage_seconds": {"finetune": 3.0},
+                "finetune": {"seconds": {"ladder": 1.0}}}
+
+    sel = {"max_clean_drop_points": 0.3, "seconds": 2.0, "budget_held_on_test": True,
+           "models": {"control": {"chosen_epoch": 0}, "ladder": {"chosen_epoch": 1.25}}}
+    off, on = {"seconds": 100.0, "report": report(0.97)}, {"seconds": 108.0, "report": report(0.978, sel)}
+    leg = _budget_leg(off, on, switched_on=True)
+    assert leg["budget_cost_ratio"] == 1.08 and leg["chosen_epoch"] == {"control": 0, "ladder": 1.25}
+    assert _budget_leg(on, off, switched_on=False) == leg  # the config had it on: the switched run is the one without
+    base = {"harden_seconds": 1, "service_job_seconds": 1, "service_vs_cli_cpu": 1, "service_vs_cli_stage_sum": 1,
+            "service_server_start_seconds": 1, "ladder_vs_pgd_at_time_ratio": 1, "throughput": {"ratio": 1},
+            "stage_seconds": {"a": 1}, "service_stage_seconds": {"a": 1}, "reports_agree": True,
+            "models": {name: {"clean": c, **dict.fromkeys(("blackbox_fgsm", "blackbox_pgd", "whitebox_fgsm", "whitebox_pgd"), r)}
+                       for name, c, r in (("ladder", 0.97, 0.5), ("control", 0.98, 0.2))}}
+    summary = summarise([{**base, "budget": leg}, {**base, "budget": {**leg, "budget_cost_ratio": 1.12}}])
+    assert summary["budget_cost_ratio"] == pytest.approx(1.10)
+    assert summary["budget_ladder_clean_delta_vs_vanilla"] == pytest.approx(-0.2)
+    assert "with / without the clean-accuracy budget" in markdown(summary)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
 def test_paper_mnist_smoke_run_on_the_gpu(tmp_path):
     result = _smoke("paper_mnist.py", tmp_path / "paper.json", "--device", "cuda")

@@ -1,11 +1,13 @@
 """Checkpoint selection on a validation split: the most robust checkpoint within a clean-accuracy budget.
 
-Each fine-tuned model is scored during its training (`select.checks_per_epoch` times an epoch) on validation data that is neither trained on nor reported:
-its clean accuracy on every validation point, and a cheap robustness proxy, its accuracy on transfer examples
-crafted once from the surrogate on a fixed, class-balanced subset of them. The uploaded model is scored the
-same way and is always a candidate (epoch 0), so a job never returns a model worse than the one it got, by its
-own measure. The chosen checkpoint maximises the objective among those whose clean drop against the uploaded
-model stays within the budget; ties go to the higher clean accuracy, then to the earlier epoch.
+Each fine-tuned model is scored during its training (`select.checks_per_epoch` times an epoch) on validation data
+that is neither trained on nor reported: its clean accuracy on every validation point, and a cheap robustness proxy,
+its accuracy on transfer examples crafted once from the surrogate on a fixed, class-balanced subset of them (PGD,
+the worse of FGSM and PGD, AutoAttack, or the average rank among the model's checkpoints over all of them and clean
+accuracy: `select.objective`). The uploaded model is scored the same way and is always a candidate (epoch 0), so a
+job never returns a model worse than the one it got, by its own measure. The chosen checkpoint has the best
+objective among those whose clean drop against the uploaded model stays within the budget; ties go to the higher
+clean accuracy, then to the earlier checkpoint.
 """
 
 from collections.abc import Callable

@@ -512,11 +512,13 @@ def _selection(report: Mapping) -> dict | None:
              "test_drop": points(-on_test[k]["clean_drop_points"] / 100) if k in on_test else "n/a",
              "held": "yes" if (on_test.get(k) or {}).get("within_budget") else "no"} for k in order]
     val = sel.get("validation") or {}
-    return {"budget": fmt(sel.get("max_clean_drop_points")), "objective": OBJECTIVE_TEXT.get(str(sel.get("objective")), str(sel.get("objective", "")).replace("_", " ")),
+    objective = str(sel.get("objective", ""))
+    return {"budget": fmt(sel.get("max_clean_drop_points")),
+            "objective": OBJECTIVE_TEXT.get(objective, objective.replace("_", " ")),
             "n": _count(val.get("n")), "robust_n": _count(val.get("robust_points")), "rows": rows,
             "held": bool(sel.get("budget_held_on_test")),
             "plot": _img(plots.selection_curve(curves, chosen, float(sel.get("max_clean_drop_points") or 0),
-                                               str(sel.get("objective", "")), colors),
+                                               objective, colors),
                          "Validation clean drop and objective per checkpoint, per model")}
 
 
