@@ -40,8 +40,15 @@ from services.method.models import ModelSpec, build_classifier  # noqa: E402
 from services.method.pipeline import train_surrogate  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mnist"
-CHILD_ENV = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "LADDER_THREADS": "2"}
 SURROGATE_SEED = 7919  # the surrogate's own seed: independent of the job's
+
+
+def threads_env(n: int) -> dict[str, str]:
+    """The `ladder` commands' threads: more threads than free cores makes torch's barriers spin (many times slower)."""
+    return {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), "LADDER_THREADS": str(n)}
+
+
+CHILD_ENV = threads_env(2)
 
 
 def ladder(*args: str, log: Path) -> None:
@@ -72,11 +79,13 @@ def main() -> int:
     p.add_argument("--subset", type=int, default=6000, help="training digits the job gets")
     p.add_argument("--max-clean-drop", default="0.3", help="select.max_clean_drop in points, or none: the default")
     p.add_argument("--transfer-points", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of every process")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "heldout_mnist.json")
     args = p.parse_args()
     if not Path(args.data).is_dir():
         sys.exit(f"{args.data} is not a folder of MNIST IDX files (see ../shared/datasets/README.md)")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    CHILD_ENV.update(threads_env(args.threads))
     budget = None if args.max_clean_drop.lower() == "none" else float(args.max_clean_drop)
     wall = {}
     with tempfile.TemporaryDirectory(prefix="ladder-heldout-") as tmp:
