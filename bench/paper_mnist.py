@@ -32,7 +32,9 @@ The protocol (issue 5; docs/paper-reproduction.md reads the results):
      class; the LADDER attack (Table 8) white-box on the 4,500;
   5. the average rank over the clean and black-box attack columns among the nine models.
 With `--max-clean-drop`, 10 % of the training digits (stratified) become the selection's validation split: the
-vanilla model has trained on them (as a provider's uploaded model has on its data), no other training sees them.
+vanilla model has trained on them (as a provider's uploaded model has on its data), no other training sees them;
+with `--unseen-validation` as well, the vanilla model trains on the other 54,000 only (a provider who kept a
+validation set apart).
 Wall time of each part, the machine and the goals of the issue are in the JSON.
 """
 
@@ -53,7 +55,7 @@ from services.datasets import ImageData, channels_first, stratified_split  # noq
 from services.method.config import LadderConfig  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
 from services.method.models import ModelSpec, build_classifier  # noqa: E402
-from services.method.pipeline import STAGES, MemoryStore, Run, per_class  # noqa: E402
+from services.method.pipeline import STAGES, MemoryStore, Run, per_class, validation_seed  # noqa: E402
 from services.method.rank import report_ranks  # noqa: E402
 from services.method.select import within  # noqa: E402
 
@@ -259,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="select.max_clean_drop: the clean-accuracy budget in points (default: off, the last epoch)")
     p.add_argument("--crossing-quantiles", type=float, nargs="+", default=None,
                    help="LADDER's calibrated ε list (perturb.crossing_quantiles; default: the service's)")
+    p.add_argument("--unseen-validation", action="store_true",
+                   help="with --max-clean-drop: train the vanilla model without the validation split, as a provider "
+                        "who kept a validation set apart (by default the vanilla model trains on all 60,000)")
     args = p.parse_args(argv)
+    if args.unseen_validation and args.max_clean_drop is None:
+        p.error("--unseen-validation needs --max-clean-drop")
     device = torch.device(args.device)
     if args.smoke:
         args.vanilla_epochs, args.finetune_epochs = min(args.vanilla_epochs, 2), 1
@@ -277,14 +284,18 @@ def main(argv: list[str] | None = None) -> int:
     test = full_test.subset(per_class(full_test.y, args.test_per_class, torch.Generator().manual_seed(args.seed)))
     t = part("load data", t)
 
+    cfg = configure(args)
+    seen = train
+    if args.unseen_validation:  # the split Run will carve (the same seed and fraction), kept from the vanilla model
+        seen = stratified_split(train, cfg.select.validation_fraction, validation_seed(cfg.seed))[0]
     torch.manual_seed(args.seed)
     vanilla = build_classifier(SPEC).to(device)
-    fit(vanilla, train.x, train.y, epochs=args.vanilla_epochs, lr=0.01, momentum=0.5, batch_size=64, seed=args.seed,
+    fit(vanilla, seen.x, seen.y, epochs=args.vanilla_epochs, lr=0.01, momentum=0.5, batch_size=64, seed=args.seed,
         stage="vanilla", progress=Ticker())
     t = part("vanilla LeNet", t)
 
-    cfg = configure(args)
     run = Run(vanilla, SPEC, train, test, cfg, MemoryStore(), Ticker())
+    assert not args.unseen_validation or torch.equal(run.train.x, seen.x), "the validation split is not the one kept apart"
     for stage in STAGES[:4]:
         run.output(stage)
     t = part("LADDER stages (latents, boundary, generator, examples)", t)
@@ -334,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             "vanilla": {"architecture": "lenet", "epochs": args.vanilla_epochs, "lr": 0.01, "momentum": 0.5, "batch_size": 64},
             "finetune_epochs": args.finetune_epochs, "sources_per_class": args.sources_per_class,
             "max_clean_drop": cfg.select.max_clean_drop, "validation": None if run.val is None else len(run.val),
+            "vanilla_train": len(seen), "vanilla_saw_validation": run.val is not None and not args.unseen_validation,
             "raw_eps": RAW_EPS if "ladder_raw_eps" in extra_runs else None, "smoke": args.smoke, "random_share": cfg.perturb.random_share,
         },
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),

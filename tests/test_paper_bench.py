@@ -50,8 +50,9 @@ def test_paper_mnist_smoke_run_writes_the_table_and_a_report_shaped_json(tmp_pat
 @pytest.mark.slow
 def test_paper_mnist_smoke_run_with_a_budget_selects_every_model_and_judges_it_on_the_whole_test_set(tmp_path):
     out = tmp_path / "budget.json"
-    result = _smoke("paper_mnist.py", out, "--core", "--max-clean-drop", "0.3")
+    result = _smoke("paper_mnist.py", out, "--core", "--max-clean-drop", "0.3", "--unseen-validation")
     sel = result["selection"]
+    assert result["protocol"]["vanilla_train"] == 2700 and not result["protocol"]["vanilla_saw_validation"]
     assert result["protocol"]["max_clean_drop"] == 0.3 == sel["max_clean_drop_points"] and not result["extra_models"]
     assert set(sel["models"]) == {"control", "ladder"} and result["protocol"]["validation"] == sel["validation"]["n"] == 300
     vanilla = result["models"]["vanilla"]["clean_accuracy"]
