@@ -148,7 +148,7 @@ def configure(args: argparse.Namespace) -> LadderConfig:
         cfg["perturb"]["random_share"] = args.random_share
     if args.crossing_quantiles is not None:
         cfg["perturb"]["crossing_quantiles"] = args.crossing_quantiles
-    if args.max_clean_drop is not None:
+    if getattr(args, "max_clean_drop", None) is not None:  # bench/ladder_recipes.py's arguments have none
         cfg["select"] = {"max_clean_drop": args.max_clean_drop}
     if args.smoke:  # the same code path on small data: caps and epochs only
         cfg["boundary"] = {"samples_per_class": 60, "holdout_per_class": 20, "attention_steps": 5}
