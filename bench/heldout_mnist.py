@@ -48,14 +48,11 @@ def threads_env(n: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), "LADDER_THREADS": str(n)}
 
 
-CHILD_ENV = threads_env(2)
-
-
-def ladder(*args: str, log: Path) -> None:
-    """A `ladder` command as a user runs it; its output in `log`, which an error names."""
+def ladder(*args: str, log: Path, env: dict[str, str]) -> None:
+    """A `ladder` command as a user runs it, with `env` added to ours; its output in `log`, which an error names."""
     with open(log, "w") as f:
         done = subprocess.run([str(ROOT / ".venv/bin/ladder"), *args], stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, **CHILD_ENV}, cwd=ROOT)
+                              env={**os.environ, **env}, cwd=ROOT)
     if done.returncode:
         sys.exit(f"ladder {args[0]} failed (exit {done.returncode}):\n{log.read_text()[-3000:]}")
 
@@ -85,14 +82,14 @@ def main() -> int:
     if not Path(args.data).is_dir():
         sys.exit(f"{args.data} is not a folder of MNIST IDX files (see ../shared/datasets/README.md)")
     torch.set_num_threads(args.threads)
-    CHILD_ENV.update(threads_env(args.threads))
+    env = threads_env(args.threads)
     budget = None if args.max_clean_drop.lower() == "none" else float(args.max_clean_drop)
     wall = {}
     with tempfile.TemporaryDirectory(prefix="ladder-heldout-") as tmp:
         work = Path(tmp)
         t = time.perf_counter()
         ladder("train", "--data", args.data, "--epochs", "10", "--seed", str(args.seed), "--out", str(work / "vanilla"),
-               log=work / "train.log")
+               log=work / "train.log", env=env)
         wall["ladder train"] = time.perf_counter() - t
         train, test = (channels_first(load_npz(work / f"vanilla/{s}.npz", s)) for s in ("train", "test"))
         subset = stratified_split(train, args.subset / len(train), args.seed)[1]
@@ -101,12 +98,12 @@ def main() -> int:
         (work / "config.json").write_text(json.dumps(config))
 
         t = time.perf_counter()
-        server, key = service_job.start_embedded(CHILD_ENV, work / "service-data", work / "serve.log")
+        server, key = service_job.start_embedded(env, work / "service-data", work / "serve.log")
         try:
             t_job = time.perf_counter()
             ladder("submit", "--server", server.url, "--key", key, "--model", str(work / "vanilla/model.safetensors"),
                    "--spec", str(work / "vanilla/spec.json"), "--train", str(work / "subset.npz"),
-                   "--config", str(work / "config.json"), "--out", str(work / "job"), log=work / "submit.log")
+                   "--config", str(work / "config.json"), "--out", str(work / "job"), log=work / "submit.log", env=env)
             wall["ladder submit (upload to downloaded results)"] = time.perf_counter() - t_job
         finally:
             server.stop()
