@@ -35,6 +35,7 @@ from services.uploads import (
     check_data,
     check_model,
     check_part,
+    check_splits,
     parse_config,
     parse_spec,
 )
@@ -50,6 +51,8 @@ _WHAT = {
     "model_spec": 'JSON: {"architecture", "num_classes", "input_shape": [C,H,W], "mean", "std", "latent_layer"?}',
     "train_data": ".npz with x and y, or a .zip of one folder of images per class",
     "test_data": "optional, same formats as train_data; default: a stratified hold-out of train_data",
+    "validation_data": "optional, same formats, only with select.max_clean_drop: the data checkpoints are chosen on "
+                       "(rows the uploaded model never trained on); default: a stratified split of train_data",
     "config": "optional JSON of method settings (LadderConfig); unknown keys are refused",
 }
 
@@ -147,7 +150,7 @@ async def _parts(request: Request, limits: Limits, folder: Path) -> FormData:
     """The job's parts: fields in memory (capped at json_bytes), files written to `folder` as they arrive."""
     media, _ = parse_options_header(request.headers.get("content-type", ""))
     if media != b"multipart/form-data":
-        raise Problem(415, "send the job as multipart/form-data with parts model, model_spec, train_data (and optionally test_data, config)")
+        raise Problem(415, "send the job as multipart/form-data with parts model, model_spec, train_data (and optionally test_data, validation_data, config)")
     async with contextlib.aclosing(request.stream()) as stream:
         try:
             return await _JobParts(request, stream, limits, folder).parse()
@@ -212,17 +215,16 @@ def _submit(ctx: Context, tenant: uuid.UUID, key: str | None, paths: dict[str, P
     inputs: dict[str, Any] = {}
     fmt = check_model(paths["model"], filenames["model"] or "model", spec, limits)
     inputs["model"] = {"format": fmt}
-    for part in ("train_data", "test_data"):
+    for part in ("train_data", "test_data", "validation_data"):
         if part in paths:
             info = check_data(paths[part], filenames[part] or part, spec, limits, part)
             inputs[part] = {"format": info.format, "samples": info.n, "class_counts": info.class_counts}
-    if "test_data" not in paths:
-        _check_holdout(inputs["train_data"]["class_counts"], config.test_fraction)
+    check_splits(inputs["train_data"]["class_counts"], config, "test_data" in paths, "validation_data" in paths)
     for part in inputs:
         inputs[part] |= {"sha256": shas[part], "size": paths[part].stat().st_size, "filename": filenames[part]}
     inputs_digest = hashlib.sha256(json.dumps([
         services.__version__, STAGE_SCHEMA, spec.model_dump(mode="json"), config.model_dump(mode="json"),
-        [shas.get(p) for p in ("model", "train_data", "test_data")],
+        [shas.get(p) for p in ("model", "train_data", "test_data", "validation_data")],
     ]).encode()).hexdigest()
     job_id = uuid.uuid4()
     stored = {}
@@ -247,17 +249,6 @@ def _submit(ctx: Context, tenant: uuid.UUID, key: str | None, paths: dict[str, P
     if not created:  # a concurrent request with the same key created the job first
         ctx.store.delete_prefix(f"jobs/{job_id}")
     return job, created
-
-
-def _check_holdout(counts: list[int], fraction: float) -> None:
-    """Without test data, a stratified hold-out must leave ≥ 3 training samples per class and some test samples."""
-    held = [round(c * fraction) for c in counts]
-    if sum(held) == 0:
-        raise Problem(422, f"a {fraction:.0%} hold-out of train_data is empty; send test_data or raise config test_fraction")
-    short = [c for c, (n, h) in enumerate(zip(counts, held, strict=True)) if n - h < 3]
-    if short:
-        raise Problem(422, f"class {short[0]} keeps {counts[short[0]] - held[short[0]]} training samples after the "
-                           f"{fraction:.0%} hold-out; send at least 4 per class, or send test_data")
 
 
 def _location(job: Any) -> dict[str, str]:

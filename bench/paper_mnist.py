@@ -148,8 +148,8 @@ def configure(args: argparse.Namespace) -> LadderConfig:
         cfg["perturb"]["random_share"] = args.random_share
     if args.crossing_quantiles is not None:
         cfg["perturb"]["crossing_quantiles"] = args.crossing_quantiles
-    if getattr(args, "max_clean_drop", None) is not None:  # bench/ladder_recipes.py's arguments have none
-        cfg["select"] = {"max_clean_drop": args.max_clean_drop}
+    # null (the paper's protocol: the last epoch's weights) unless asked; bench/ladder_recipes.py's arguments have none
+    cfg["select"] = {"max_clean_drop": getattr(args, "max_clean_drop", None)}
     if args.smoke:  # the same code path on small data: caps and epochs only
         cfg["boundary"] = {"samples_per_class": 60, "holdout_per_class": 20, "attention_steps": 5}
         cfg["generator"]["max_epochs"] = 2

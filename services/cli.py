@@ -19,7 +19,7 @@ import services
 from services.bounds import check_bounds
 from services.checkpoints import DirectoryStore, atomic_write
 from services.datasets import (
-    ImageData, channels_first, conform, load_npz, mnist5k, mnist_idx, save_npz, stratified_split,
+    ImageData, channels_first, conform, load_npz, mnist5k, mnist_idx, require_every_class, save_npz, stratified_split,
 )
 from services.errors import InputError, one_line
 from services.method.config import LadderConfig
@@ -125,6 +125,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise InputError(one_line(e, "model spec")) from e
     train = conform(train, spec.input_shape, num_classes, "training data")
     test = conform(test, spec.input_shape, num_classes, "test data")
+    val = None
+    if not 0 <= args.validation_fraction < 0.5:
+        raise InputError(f"--validation-fraction {args.validation_fraction:g} is outside [0, 0.5)")
+    if args.validation_fraction:  # kept from training: the rows a hardening job can judge clean accuracy on
+        train, val = stratified_split(train, args.validation_fraction, args.seed)
+        require_every_class(val, num_classes, 1, "the validation split (--validation-fraction)")
     torch.manual_seed(args.seed)
     model = build_classifier(spec)
     bars = _Bars(("train",))
@@ -135,10 +141,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_npz(train, out / "train.npz")
     save_npz(test, out / "test.npz")
+    if val is not None:
+        save_npz(val, out / "validation.npz")
     (out / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
     atomic_write(out / "model.safetensors", lambda p: save_file(net_weights(model), str(p)))
     print(f"{spec.architecture}: test accuracy {accuracy(model, test.x, test.y):.4f} on {len(test)} images")
-    print(f"wrote {out}/model.safetensors, spec.json, train.npz, test.npz")
+    print(f"wrote {out}/model.safetensors, spec.json, train.npz, test.npz" + (", validation.npz" if val is not None else ""))
 
 
 def cmd_harden(args: argparse.Namespace) -> None:
@@ -158,15 +166,18 @@ def cmd_harden(args: argparse.Namespace) -> None:
     train = conform(load_data(args.train, "training data"), spec.input_shape, spec.num_classes, "training data")
     test = conform(load_data(args.test, "test data", "t10k"), spec.input_shape, spec.num_classes, "test data") if args.test else None
     train, test = split_inputs(train, test, config, spec.num_classes)
+    val = (conform(load_data(args.validation, "validation data"), spec.input_shape, spec.num_classes, "validation data")
+           if args.validation else None)
     out = Path(args.out)
     key = _digest(  # stored stages are reused only for the same code, inputs and configuration
         f"{services.__version__}/{STAGE_SCHEMA}".encode(), Path(args.model).read_bytes(), spec.model_dump_json().encode(),
         config.model_dump_json().encode(), train.x, train.y, test.x, test.y,
+        *(() if val is None else (b"validation", val.x, val.y)),
     )
     store = DirectoryStore(out / "stages" / key)
     bars = _Bars(STAGES)
     with bars.progress:
-        result = harden(model, spec, train, test, config, store, bars)
+        result = harden(model, spec, train, test, config, store, bars, val)
     models_dir = out / "models"
     models_dir.mkdir(exist_ok=True)
     for name, m in result.models.items():
@@ -408,7 +419,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
     opt = lambda p: Path(p) if p else None  # noqa: E731
     try:
         job = client.submit(Path(args.model), Path(args.spec), Path(args.train), opt(args.test), opt(args.config),
-                            args.idempotency_key)
+                            args.idempotency_key, opt(args.validation))
         console.print(f"job {job['id']} {job['status']}")
         job = client.wait(job["id"], args.poll, console)
         if job["status"] != "succeeded":
@@ -445,6 +456,9 @@ def print_summary(report: dict) -> None:
             ", ".join(k for k, t in sel["on_test"].items() if not t["within_budget"])
         print(f"checkpoints (best {sel['objective']} within {sel['max_clean_drop_points']:g} points of clean accuracy on "
               f"validation): {chosen}; the budget {held}")
+        if sel["validation"].get("source") != "uploaded":
+            print("validation: a split of the training data; if the uploaded model trained on it, the budget is stricter "
+                  "than on unseen data (send validation data the model never saw: --validation)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--architecture", default="lenet")
     t.add_argument("--data", default="mnist5k", help="mnist5k, a folder of MNIST IDX files, or an .npz with x and y")
     t.add_argument("--test", help="test data (default: the IDX folder's t10k split, else a stratified 20%% hold-out)")
+    t.add_argument("--validation-fraction", type=float, default=0.0,
+                   help="of the training data, stratified, not trained on: written as validation.npz for harden "
+                        "--validation (default 0: none)")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--lr", type=float, default=0.01)
     t.add_argument("--seed", type=int, default=0)
@@ -465,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--spec", required=True, help="model spec (JSON)")
     h.add_argument("--train", required=True, help="training data (.npz or mnist5k)")
     h.add_argument("--test", help="test data (.npz); default: a stratified hold-out of the training data")
+    h.add_argument("--validation", help="data to choose checkpoints on (.npz; rows the model never trained on), with "
+                                        "select.max_clean_drop; default: a stratified split of the training data")
     h.add_argument("--config", help="method configuration (JSON); default: the paper's settings")
     h.add_argument("--out", required=True)
     h.add_argument("--device", help="auto (the first CUDA device, else the CPU), cpu, cuda or cuda:N; default LADDER_DEVICE")
@@ -507,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--spec", required=True)
     u.add_argument("--train", required=True)
     u.add_argument("--test")
+    u.add_argument("--validation", help="validation_data: the data checkpoints are chosen on (see harden --validation)")
     u.add_argument("--config")
     u.add_argument("--idempotency-key")
     u.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")

@@ -51,9 +51,10 @@ class Client:
             raise ClientError(f"cannot reach {self.http.base_url}: {e}; is the server running?") from e
 
     def submit(self, model: Path, spec: Path, train: Path, test: Path | None = None, config: Path | None = None,
-               idempotency_key: str | None = None) -> dict:
+               idempotency_key: str | None = None, validation: Path | None = None) -> dict:
         """Upload a job (files are streamed); the job resource."""
-        parts = {"model": model, "model_spec": spec, "train_data": train, "test_data": test, "config": config}
+        parts = {"model": model, "model_spec": spec, "train_data": train, "test_data": test,
+                 "validation_data": validation, "config": config}
         types = {"model_spec": "application/json", "config": "application/json"}
         with ExitStack() as stack:
             files = {}

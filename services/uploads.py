@@ -132,6 +132,7 @@ PARTS: dict[str, PartRule] = {
     "model_spec": PartRule(True, "json_bytes", _JSON_TYPES, (".json",), False),
     "train_data": PartRule(True, "data_bytes", _ZIP_TYPES, (".npz", ".zip"), True),
     "test_data": PartRule(False, "data_bytes", _ZIP_TYPES, (".npz", ".zip"), True),
+    "validation_data": PartRule(False, "data_bytes", _ZIP_TYPES, (".npz", ".zip"), True),
     "config": PartRule(False, "json_bytes", _JSON_TYPES, (".json",), False),
 }
 _PICKLED_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar", ".jit")
@@ -141,7 +142,7 @@ def check_part(name: str, filename: str | None, content_type: str | None) -> Non
     """Refuse a part by its headers alone: unknown name (422), wrong media type or file kind (415)."""
     rule = PARTS.get(name)
     if rule is None:
-        raise InputError(f"unknown part {name!r}; send model, model_spec and train_data, optionally test_data and config")
+        raise InputError(f"unknown part {name!r}; send model, model_spec and train_data, optionally test_data, validation_data and config")
     media = (content_type or "").split(";")[0].strip().lower()
     if media and media not in rule.content_types:
         raise InputError(f"{name} has content type {media}; send it as {' or '.join(sorted(rule.content_types))}", 415)
@@ -246,14 +247,48 @@ def check_model(path: Path, filename: str, spec: ModelSpec, limits: Limits) -> s
 
 
 def check_data(path: Path, filename: str, spec: ModelSpec, limits: Limits, what: str) -> DataInfo:
-    """Check uploaded images and labels against the spec, streaming them; `what` is train_data or test_data."""
+    """Check uploaded images and labels against the spec, streaming them; `what` is the part's name."""
     fmt = _file_format(what, filename)
     if path.stat().st_size > limits.data_bytes:
         raise InputError(f"{what} is larger than {_size(limits.data_bytes)}; upload less data", 413)
     counts = _npz_counts(path, spec, limits, what) if fmt == "npz" else _image_zip_counts(path, spec, limits, what)
     if what == "train_data":
         require_class_counts(counts, _MIN_TRAIN_PER_CLASS, what)
+    elif what == "validation_data":  # the budget is judged on every class
+        require_class_counts(counts, 1, what)
     return DataInfo(fmt, int(counts.sum()), counts.tolist())
+
+
+def check_splits(counts: list[int], config: LadderConfig, has_test: bool, has_validation: bool) -> None:
+    """Refuse a job whose splits the method could not carve from train_data (stratified, round(count · fraction) per
+    class, the test hold-out first): an empty test hold-out, a validation split short of a class, fewer than 3
+    training samples of a class left; and validation data sent with the selection off."""
+    if has_validation and config.select.max_clean_drop is None:
+        raise InputError("validation_data is used only by checkpoint selection; set select.max_clean_drop in the "
+                         "config, or leave validation_data out")
+    if not has_test:
+        held = [round(c * config.test_fraction) for c in counts]
+        if sum(held) == 0:
+            raise InputError(f"a {config.test_fraction:.0%} hold-out of train_data is empty; send test_data or raise "
+                             "config test_fraction")
+        counts = [n - h for n, h in zip(counts, held, strict=True)]
+        _require_left(counts, f"the {config.test_fraction:.0%} test hold-out", "send more per class, or send test_data")
+    if config.select.max_clean_drop is not None and not has_validation:
+        fraction = config.select.validation_fraction
+        held = [round(c * fraction) for c in counts]
+        if 0 in held:
+            raise InputError(f"the {fraction:.0%} validation split of train_data (select.validation_fraction) holds "
+                             f"no sample of class {held.index(0)}; send validation_data or more training data, or "
+                             "set select.max_clean_drop null to turn checkpoint selection off")
+        _require_left([n - h for n, h in zip(counts, held, strict=True)], f"the {fraction:.0%} validation split",
+                      "send validation_data or more training data, or set select.max_clean_drop null")
+
+
+def _require_left(counts: list[int], what: str, fix: str) -> None:
+    short = [c for c, n in enumerate(counts) if n < _MIN_TRAIN_PER_CLASS]
+    if short:
+        raise InputError(f"class {short[0]} keeps {counts[short[0]]} training samples after {what}; the method needs "
+                         f"{_MIN_TRAIN_PER_CLASS} of every class: {fix}")
 
 
 def load_model(path: Path, fmt: str, spec: ModelSpec) -> Classifier:

@@ -41,6 +41,7 @@ from services.uploads import (
     check_data,
     check_model,
     check_part,
+    check_splits,
     parse_config,
     parse_spec,
 )
@@ -98,12 +99,14 @@ def validate_parts(parts: Parts, tmp: Path, limits: Limits) -> Validated:
     folder = tmp / uuid.uuid4().hex
     folder.mkdir(parents=True)
     paths = {}
-    for name in ("model", "train_data", "test_data"):
+    for name in ("model", "train_data", "test_data", "validation_data"):
         if name in parts:
             paths[name] = folder / name  # a name of ours: the client's file name only tells the format
             paths[name].write_bytes(parts[name][1])
     fmt = check_model(paths["model"], parts["model"][0], spec, limits)
-    data = {w: check_data(paths[w], parts[w][0], spec, limits, w) for w in ("train_data", "test_data") if w in parts}
+    data = {w: check_data(paths[w], parts[w][0], spec, limits, w)
+            for w in ("train_data", "test_data", "validation_data") if w in parts}
+    check_splits(data["train_data"].class_counts, config, "test_data" in parts, "validation_data" in parts)
     return Validated(spec, config, fmt, data, paths)
 
 
@@ -418,6 +421,14 @@ def corpus(tmp: Path) -> list[BadUpload]:
     case("missing y", 422, "lacks array(s) y", train_data=train(npz(x=x)))
     few = np.concatenate([np.flatnonzero(y != 4), np.flatnonzero(y == 4)[:2]])
     case("class with 2 samples", 422, "has 2 samples of class 4", train_data=train(npz(x=x[few], y=y[few])))
+    vx, vy = pick(5, 40)
+    no_seven = vy != 7
+    case("validation data without a class", 422, "validation_data has 0 samples of class 7",
+         validation_data=train(npz(x=vx[no_seven], y=vy[no_seven]), "val.npz"))
+    case("validation data with the selection off", 422, "set select.max_clean_drop",
+         validation_data=train(npz(x=vx, y=vy), "val.npz"), config=config({"select": {"max_clean_drop": None}}))
+    case("a carved validation split without a class", 422, "holds no sample of class 0",
+         train_data=train(npz(x=pick(4)[0], y=pick(4)[1])))
     case("test labels out of range", 422, "test_data: labels span 1..10",
          test_data=("t.npz", npz(x=pick(10, 30)[0], y=np.minimum(pick(10, 30)[1] + 1, 10)), "application/zip"))
     case("npz not a zip", 422, "not a readable .npz file", train_data=train(b"x,y\n0,1\n"))

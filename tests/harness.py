@@ -23,6 +23,8 @@ QUICK_CONFIG = {
     "evaluate": {"max_samples": 200, "attack": {"pgd_steps": 5}, "surrogate_epochs": 1,
                  "cw": {"max_samples": 20, "binary_search_steps": 2, "max_iter": 10},
                  "jsma": {"max_samples": 10}, "autoattack": {"max_samples": 20}},
+    # off, so that jobs on a few images per class stay valid; the tests of checkpoint selection turn it on
+    "select": {"max_clean_drop": None},
 }
 PG_ADMIN = os.environ.get("LADDER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LADDER_TEST_REDIS", "redis://127.0.0.1:6379/15")

@@ -100,21 +100,28 @@ def test_train_then_harden_through_the_console_script(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ladder = [sys.executable, "-m", "services.cli"]
     trained = tmp_path / "vanilla"
-    r = subprocess.run([*ladder, "train", "--data", "mnist5k", "--epochs", "1", "--out", str(trained)],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([*ladder, "train", "--data", "mnist5k", "--epochs", "1", "--validation-fraction", "0.1",
+                        "--out", str(trained)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout
+    with np.load(trained / "train.npz") as t, np.load(trained / "validation.npz") as v:
+        assert (len(t["y"]), len(v["y"])) == (3600, 400)  # mnist5k's 4,000 training digits, 10 % kept apart
+        rows = {row.tobytes() for row in t["x"]}
+        assert not any(row.tobytes() in rows for row in v["x"])  # apart (mnist5k holds no duplicate digits)
     config = tmp_path / "config.json"
-    config.write_text(quick_config(evaluate={"max_samples": None}).model_dump_json())
+    config.write_text(quick_config(evaluate={"max_samples": None}, select={"max_clean_drop": 1.0}).model_dump_json())
     small_test = tmp_path / "test.npz"
     with np.load(trained / "test.npz") as f:
         np.savez(small_test, x=f["x"][::5], y=f["y"][::5])
     out = tmp_path / "hardened"
     r = subprocess.run([*ladder, "harden", "--model", str(trained / "model.safetensors"), "--spec", str(trained / "spec.json"),
                         "--train", str(trained / "train.npz"), "--test", str(small_test), "--config", str(config),
-                        "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+                        "--validation", str(trained / "validation.npz"), "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
+    assert report["selection"]["validation"]["source"] == "uploaded" and report["selection"]["validation"]["n"] == 400
+    assert report["data"]["train"] == 3600 and "checkpoints (best transfer_pgd within 1 points" in r.stdout
     assert "blackbox  clean" in r.stdout and "\nladder " in r.stdout  # the before/after tables
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
     spec = LENET_SPEC.model_copy(update=json.loads((trained / "spec.json").read_text()))

@@ -313,7 +313,7 @@ def _selection(held: bool) -> dict:
     curve = lambda drops: [{"epoch": k, "clean": 0.99 - d / 100, "transfer_pgd": 0.3 + 0.05 * k, "objective": 0.3 + 0.05 * k,  # noqa: E731
                             "clean_drop_points": d, "within_budget": d <= 0.3} for k, d in enumerate(drops)]
     return {"max_clean_drop_points": 0.3, "objective": "transfer_pgd",
-            "validation": {"n": 400, "robust_points": 200, "fraction": 0.1}, "seconds": 4.0,
+            "validation": {"n": 400, "robust_points": 200, "source": "carved", "fraction": 0.1}, "seconds": 4.0,
             "models": {"control": {"chosen_epoch": 0, "uploaded_weights": True, "why": "the uploaded weights: no epoch "
                                    "within the budget beat the uploaded model's objective", "validation": curve([0])[0],
                                    "curve": curve([0, 0.5, 0.6])},
@@ -335,3 +335,8 @@ def test_checkpoint_selection_section():
     missed = render_html({**make_report(), "selection": _selection(False)})
     assert "<strong>did not hold for every model</strong>" in missed and "−0.45" in missed
     assert 'id="selection"' not in render_html(make_report())  # off: no section
+    assert "a stratified 10 % of <code>train_data</code>" in section and "Send <code>validation_data</code>" in section
+    uploaded = _selection(True)
+    uploaded["validation"] |= {"source": "uploaded", "fraction": None}
+    page = render_html({**make_report(), "selection": uploaded})
+    assert "the job's own <code>validation_data</code>" in page and "training accuracy" not in page

@@ -82,6 +82,25 @@ def test_the_validation_split_is_apart_from_fine_tuning_and_test_data(lenet, mon
     assert set(torch.bincount(run.val.y).tolist()) == {round(0.1 * c) for c in torch.bincount(train.y).tolist()}
 
 
+def test_given_validation_data_is_the_split_and_train_is_left_whole(lenet):
+    train, test = _marked(lenet.train), _marked(lenet.test)
+    val = ImageData(test.x[::10], test.y[::10])  # any labelled rows of every class
+    run = Run(lenet.model, lenet.spec, train, test, quick_config(select={"max_clean_drop": 0.3}), validation=val)
+    assert run.val is val and torch.equal(run.train.x, train.x)  # the report's source: test_service.py
+
+
+def test_validation_data_without_a_budget_or_short_of_a_class_is_refused(lenet):
+    from services.errors import InputError
+
+    val = ImageData(lenet.test.x[::10], lenet.test.y[::10])
+    with pytest.raises(InputError, match="select.max_clean_drop"):
+        Run(lenet.model, lenet.spec, lenet.train, lenet.test, quick_config(), validation=val)
+    one = lenet.test.y != 3
+    with pytest.raises(InputError, match="validation data has 0 samples of class 3"):
+        Run(lenet.model, lenet.spec, lenet.train, lenet.test, quick_config(select={"max_clean_drop": 0.3}),
+            validation=ImageData(lenet.test.x[one], lenet.test.y[one]))
+
+
 @pytest.fixture(scope="module")
 def ruined(lenet):
     """A job whose fine-tuning ruins the model every epoch (lr 20), with a zero budget."""
@@ -102,6 +121,7 @@ def test_a_job_that_every_epoch_makes_worse_returns_the_uploaded_weights_and_say
             assert torch.equal(net_weights(result.models[name])[k], v), (name, k)
         assert result.report["models"][name]["clean_accuracy"] == result.report["models"]["vanilla"]["clean_accuracy"]
     assert sel["budget_held_on_test"] and sel["max_clean_drop_points"] == 0.0
+    assert sel["validation"]["source"] == "carved" and sel["validation"]["fraction"] == 0.1
 
 
 def test_the_chosen_weights_are_the_ones_scored_and_evaluated(lenet):

@@ -56,8 +56,9 @@ def inputs(tmp_path_factory, lenet):
     d = tmp_path_factory.mktemp("inputs")
     save_file(net_weights(lenet.model), str(d / "model.safetensors"))
     (d / "spec.json").write_text(LENET_SPEC.model_dump_json())
-    for name, data, step in (("train", lenet.train, 10), ("test", lenet.test, 10)):
-        np.savez(d / f"{name}.npz", x=(data.x[::step].numpy() * 255).round().astype(np.uint8), y=data.y[::step].numpy())
+    for name, data, start in (("train", lenet.train, 0), ("test", lenet.test, 0), ("validation", lenet.train, 5)):
+        x, y = data.x[start::10], data.y[start::10]  # validation: training rows the job's train_data does not hold
+        np.savez(d / f"{name}.npz", x=(x.numpy() * 255).round().astype(np.uint8), y=y.numpy())
     return d
 
 
@@ -65,7 +66,7 @@ def _config(**overrides) -> str:
     return quick_config(**overrides).model_dump_json()
 
 
-def _submit(server, key, inputs, config: str, idempotency_key: str | None = None) -> httpx.Response:
+def _submit(server, key, inputs, config: str, idempotency_key: str | None = None, validation: bool = False) -> httpx.Response:
     files = {
         "model": ("model.safetensors", (inputs / "model.safetensors").read_bytes(), "application/octet-stream"),
         "model_spec": ("spec.json", (inputs / "spec.json").read_bytes(), "application/json"),
@@ -73,6 +74,8 @@ def _submit(server, key, inputs, config: str, idempotency_key: str | None = None
         "test_data": ("test.npz", (inputs / "test.npz").read_bytes(), "application/octet-stream"),
         "config": ("config.json", config.encode(), "application/json"),
     }
+    if validation:
+        files["validation_data"] = ("val.npz", (inputs / "validation.npz").read_bytes(), "application/octet-stream")
     headers = {"Authorization": f"Bearer {key}", **({"Idempotency-Key": idempotency_key} if idempotency_key else {})}
     return httpx.post(f"{server.url}/v1/harden", files=files, headers=headers, timeout=120)
 
@@ -152,6 +155,29 @@ def test_whole_job_over_http_with_a_celery_worker(server, keys, inputs, env, dat
         assert json.loads(report_path.read_text())["schema"] == "ladder.report/2" and model_path.read_bytes() == m.content
     finally:
         w.stop()
+
+
+def test_a_job_chooses_its_checkpoints_on_the_uploaded_validation_data(server, keys, inputs, env, database, tmp_path):
+    off = _submit(server, keys["acme"], inputs, _config(), validation=True)  # quick_config: the selection off
+    assert off.status_code == 422 and "select.max_clean_drop" in off.json()["detail"]
+    w = harness.worker(env, tmp_path / "worker.log")
+    try:
+        r = _submit(server, keys["acme"], inputs, _config(select={"max_clean_drop": 0.5, "robust_points": 100}),
+                    validation=True)
+        assert r.status_code == 202, r.text
+        url = f"{server.url}/v1/jobs/{r.json()['id']}"
+        done = harness.wait_for(url, keys["acme"], lambda j: j["status"] in ("succeeded", "failed", "canceled"), timeout=400)
+        assert done["status"] == "succeeded", (done, w.tail())
+        report = httpx.get(f"{url}/report", headers=_auth(keys["acme"])).json()
+    finally:
+        w.stop()
+    sel = report["selection"]
+    n = len(np.load(inputs / "validation.npz")["y"])
+    assert sel["validation"] == {"n": n, "robust_points": 100, "source": "uploaded", "fraction": None}
+    assert report["data"]["train"] == len(np.load(inputs / "train.npz")["y"])  # nothing carved from train_data
+    assert set(sel["models"]) == {"control", "ladder"} and all(m["curve"] for m in sel["models"].values())
+    names = {row[0] for row in _rows(database, "SELECT name FROM artifacts WHERE job_id = :id", id=r.json()["id"])}
+    assert "input.validation_data" in names
 
 
 def test_a_worker_killed_mid_stage_is_replaced_and_the_job_resumes_there(server, keys, inputs, env, database, tmp_path):

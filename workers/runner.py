@@ -192,11 +192,12 @@ class Heartbeat(threading.Thread):
                 failing = True
 
 
-def _inputs(ctx: Context, store: ArtifactStore, job: Any, arts: dict[str, Any], tmp: Path) -> tuple[Any, ModelSpec, Any, Any, LadderConfig]:
+def _inputs(ctx: Context, store: ArtifactStore, job: Any, arts: dict[str, Any],
+            tmp: Path) -> tuple[Any, ModelSpec, Any, Any, Any, LadderConfig]:
     spec = ModelSpec.model_validate(job.spec)
     config = LadderConfig.model_validate(job.config)
     loaded = {}
-    for part in ("model", "train_data", "test_data"):
+    for part in ("model", "train_data", "test_data", "validation_data"):
         art = arts.get(f"input.{part}")
         if art is not None:
             loaded[part] = tmp / Path(art.key).name
@@ -209,7 +210,9 @@ def _inputs(ctx: Context, store: ArtifactStore, job: Any, arts: dict[str, Any], 
     train = load_data(loaded["train_data"], fmt["train_data"]["format"], spec, "train_data")
     test = load_data(loaded["test_data"], fmt["test_data"]["format"], spec, "test_data") if "test_data" in loaded else None
     train, test = split_inputs(train, test, config, spec.num_classes)
-    return model, spec, train, test, config
+    val = (load_data(loaded["validation_data"], fmt["validation_data"]["format"], spec, "validation_data")
+           if "validation_data" in loaded else None)
+    return model, spec, train, test, val, config
 
 
 def _results(ctx: Context, store: ArtifactStore, job: Any, run: Run, tmp: Path,
@@ -272,12 +275,12 @@ def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
     try:
         with scratch.directory("stage") as tmp_dir:  # named after this process: the sweeper removes it if the process dies
             tmp = Path(tmp_dir)
-            model, spec, train, test, config = _inputs(ctx, store, job, arts, tmp)
+            model, spec, train, test, val, config = _inputs(ctx, store, job, arts, tmp)
             log.info("job %s: %s computes on %s", job_id, stage, device_of(model))  # where the model is, not the setting
             reporter = Reporter(ctx, job_id, stage)
             stages = ArtifactStages(store, job_id, job.inputs_digest, stage, {k: a.sha256 for k, a in arts.items()}, tmp)
             def attempt(cfg: LadderConfig) -> Any:
-                run = Run(model, spec, train, test, cfg, stages, reporter)
+                run = Run(model, spec, train, test, cfg, stages, reporter, val)
                 if stage == "report":
                     return _results(ctx, store, job, run, tmp, done)
                 return run.output(stage)

@@ -208,8 +208,8 @@ class SelectConfig(_Section):
     most robust one on a validation split whose clean accuracy there stays within a budget of the uploaded model's."""
 
     max_clean_drop: float | None = Field(
-        None, ge=0, le=100, description="points of validation clean accuracy a model may lose against the uploaded "
-                                        "model; null = off: the last epoch's weights, no validation split")
+        0.3, ge=0, le=100, description="points of validation clean accuracy a model may lose against the uploaded "
+                                       "model; null = off: the last epoch's weights, no validation split")
     objective: Literal["transfer_pgd", "transfer_worst", "transfer_autoattack", "rank"] = Field(
         "transfer_pgd", description="chosen within the budget: the best validation accuracy under PGD transferred from "
                                     "the surrogate, the worse of transfer FGSM and PGD, transfer AutoAttack, or the best "

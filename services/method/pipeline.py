@@ -141,6 +141,24 @@ def split_inputs(train: ImageData, test: ImageData | None, cfg: LadderConfig, nu
     return train, test
 
 
+def validation_split(train: ImageData, validation: ImageData | None, cfg: LadderConfig,
+                     num_classes: int) -> tuple[ImageData, ImageData | None, bool]:
+    """(the data the stages train on, checkpoint selection's validation data, whether it was uploaded): `validation`
+    when given, else a stratified `select.validation_fraction` carved from `train`; None when the selection is off."""
+    if cfg.select.max_clean_drop is None:
+        if validation is not None:
+            raise InputError("validation data is used only by checkpoint selection; set select.max_clean_drop in the "
+                             "config, or leave the validation data out")
+        return train, None, False
+    if validation is not None:
+        require_every_class(validation, num_classes, 1, "validation data")
+        return train, validation, True
+    train, validation = stratified_split(train, cfg.select.validation_fraction, validation_seed(cfg.seed))
+    require_every_class(validation, num_classes, 1, "the validation split (select.validation_fraction)")
+    require_every_class(train, num_classes, 3, "training data after the validation split (select.validation_fraction)")
+    return train, validation, False
+
+
 def evaluation_points(test: ImageData, cfg: LadderConfig) -> ImageData:
     """The test points evaluated (all, or a stratified `max_samples`), dealt out class by class so that
     every prefix (the subset of an attack with a cap) is class-balanced: a cap of 500 on 10 classes
@@ -159,13 +177,10 @@ class Run:
     use one); data, latents, examples and stored weights stay on the CPU."""
 
     def __init__(self, model: Classifier, spec: ModelSpec, train: ImageData, test: ImageData, config: LadderConfig,
-                 store: StageStore | None = None, progress: Progress = silent):
+                 store: StageStore | None = None, progress: Progress = silent, validation: ImageData | None = None):
         self.device = device_of(model)
         config = batches.resolve(config, self.device)  # the batch sizes that ran, in the report too
-        self.val: ImageData | None = None  # checkpoint selection's validation split: no stage trains on it
-        if config.select.max_clean_drop is not None:
-            train, self.val = stratified_split(train, config.select.validation_fraction, validation_seed(config.seed))
-            require_every_class(self.val, spec.num_classes, 1, "the validation split (select.validation_fraction)")
+        train, self.val, self.val_uploaded = validation_split(train, validation, config, spec.num_classes)
         self.model, self.spec, self.train, self.test, self.cfg = model, spec, train, test, config
         self.store = store or MemoryStore()
         self.progress = progress
@@ -445,7 +460,8 @@ class Run:
         return {
             "max_clean_drop_points": sel.max_clean_drop, "objective": sel.objective,
             "validation": {"n": len(self.val), "robust_points": min(sel.robust_points, len(self.val)),
-                           "fraction": sel.validation_fraction},
+                           "source": "uploaded" if self.val_uploaded else "carved",
+                           "fraction": None if self.val_uploaded else sel.validation_fraction},
             "seconds": tuned["selection_seconds"],
             "models": tuned["selection"],
             "on_test": on_test,
@@ -455,10 +471,11 @@ class Run:
 
 def harden(
     model: Classifier, spec: ModelSpec, train: ImageData, test: ImageData, config: LadderConfig,
-    store: StageStore | None = None, progress: Progress = silent,
+    store: StageStore | None = None, progress: Progress = silent, validation: ImageData | None = None,
 ) -> HardenResult:
-    """Run LADDER on `model` with its training data; evaluate vanilla, control, LADDER and variants on `test`."""
-    run = Run(model, spec, train, test, config, store, progress)
+    """Run LADDER on `model` with its training data; evaluate vanilla, control, LADDER and variants on `test`;
+    choose checkpoints on `validation` (else on a split of `train`) when select.max_clean_drop is set."""
+    run = Run(model, spec, train, test, config, store, progress, validation)
     run.output(STAGES[-1])
     report = run.report()
     return HardenResult(run.models(), report, run.html(report))

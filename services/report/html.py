@@ -516,6 +516,7 @@ def _selection(report: Mapping) -> dict | None:
     return {"budget": fmt(sel.get("max_clean_drop_points")),
             "objective": OBJECTIVE_TEXT.get(objective, objective.replace("_", " ")),
             "n": _count(val.get("n")), "robust_n": _count(val.get("robust_points")), "rows": rows,
+            "uploaded": val.get("source") == "uploaded", "fraction": "n/a" if val.get("fraction") is None else f"{100 * val['fraction']:g} %",
             "held": bool(sel.get("budget_held_on_test")),
             "plot": _img(plots.selection_curve(curves, chosen, float(sel.get("max_clean_drop_points") or 0),
                                                objective, colors),
