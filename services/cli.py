@@ -109,6 +109,8 @@ class _Bars:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a vanilla classifier (the paper's recipe: SGD lr 0.01, momentum 0.5, batch 64)."""
+    if not 0 <= args.validation_fraction < 0.5:  # before any data is read
+        raise InputError(f"--validation-fraction {args.validation_fraction:g} is outside [0, 0.5)")
     data = load_data(args.data, "training data")
     if args.test or (args.data not in BUILTIN_DATA and Path(args.data).is_dir()):
         train, test = data, load_data(args.test or args.data, "test data", "t10k")
@@ -126,8 +128,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     train = conform(train, spec.input_shape, num_classes, "training data")
     test = conform(test, spec.input_shape, num_classes, "test data")
     val = None
-    if not 0 <= args.validation_fraction < 0.5:
-        raise InputError(f"--validation-fraction {args.validation_fraction:g} is outside [0, 0.5)")
     if args.validation_fraction:  # kept from training: the rows a hardening job can judge clean accuracy on
         train, val = stratified_split(train, args.validation_fraction, args.seed)
         require_every_class(val, num_classes, 1, "the validation split (--validation-fraction)")
