@@ -14,7 +14,8 @@ For each seed, in one process run:
    config has it off, else off): `budget_cost_ratio` = with / without, in the same order-alternated run, and what
    the budget changed (the chosen checkpoints, the accuracies);
 3. fine-tune the same vanilla weights with PGD-AT (Madry: L∞ ε = 0.3, 10 steps of 2.5ε/10,
-   random start, adversarial loss only) for the same epochs, batch size and learning rate;
+   random start, adversarial loss only) on the job's training data (less its validation split, under a budget)
+   for the same epochs, batch size and learning rate, returning its last weights (no selection);
 4. evaluate PGD-AT against the same surrogate and the same transfer examples as the report
    (the surrogate is retrained from the run's seed; its accuracy must match the report's);
 5. time generation (directions + G) against G's pure forward pass on the same latents.
@@ -51,7 +52,7 @@ from services.method.evaluate import evaluate  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
 from services.method.models import ModelSpec, build_classifier, net_weights  # noqa: E402
 from services.method.perturb import directions, generate, random_targets  # noqa: E402
-from services.method.pipeline import evaluation_points, stage_seed, train_surrogate  # noqa: E402
+from services.method.pipeline import evaluation_points, stage_seed, train_surrogate, validation_split  # noqa: E402
 
 SPEC = ModelSpec(architecture="lenet", num_classes=10, input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081])
 LADDER_STAGES = ("latents", "boundary", "generator", "adversarial")
@@ -153,16 +154,18 @@ def run_seed(seed: int, work: Path, overrides: dict, budget: float | None) -> di
     # the stages both reports timed; their sums compare the work itself, without uploads, polls or start-up
     common = [k for k in report["stage_seconds"] if k in service_stages]
 
+    # what the job's stages trained on: the budget carves its validation split from `train` first
+    stage_train = validation_split(train, None, config, SPEC.num_classes)[0]
     f = config.finetune
     attack = AttackConfig(eps=0.3, pgd_steps=10, pgd_early_stop=False)  # training: every step
     gen = torch.Generator().manual_seed(seed)
     pgd_at = copy.deepcopy(vanilla)
     started = time.perf_counter()
-    fit(pgd_at, train.x, train.y, epochs=f.epochs, lr=f.lr, momentum=f.momentum, batch_size=f.batch_size, seed=seed,
+    fit(pgd_at, stage_train.x, stage_train.y, epochs=f.epochs, lr=f.lr, momentum=f.momentum, batch_size=f.batch_size, seed=seed,
         schedule=f.lr_schedule, alpha=0.0, craft=lambda m, x, y: pgd(m, x, y, None, attack, gen))
     pgd_at_seconds = time.perf_counter() - started
 
-    surrogate, _ = train_surrogate(SPEC, train, config)
+    surrogate, _ = train_surrogate(SPEC, stage_train, config)
     subset = evaluation_points(test, config)
     assert accuracy(surrogate, subset.x, subset.y) == report["surrogate"]["clean_accuracy"], "surrogate differs from the report's"
     pgd_at_eval = evaluate({"pgd_at": pgd_at}, surrogate, subset.x, subset.y, config.evaluate, stage_seed(seed, "evaluate"),
@@ -190,7 +193,7 @@ def run_seed(seed: int, work: Path, overrides: dict, budget: float | None) -> di
         "ladder_seconds": ladder_seconds,
         "pgd_at_seconds": pgd_at_seconds,
         "ladder_vs_pgd_at_time_ratio": ladder_seconds / pgd_at_seconds,
-        "throughput": _throughput(run / "out", report, vanilla, train, seed),
+        "throughput": _throughput(run / "out", report, vanilla, stage_train, seed),
         "generator": report["generator"],
         "calibration": report["calibration"]["table"],
         "surrogate": report["surrogate"],
