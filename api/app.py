@@ -21,11 +21,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 import services
 from api import jobs, problems
 from api.problems import MEDIA_TYPE, Problem, problem
-from services import faults
+from services import dispatch, faults
+from services.context import Context, build
 from services.jobs import service
 from services.jobs.models import Job
 from services.settings import Settings, get_settings
-from workers.context import Context, build
 from workers.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class GuardedHttp(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large:  # raised by _count inside the parser, which uvicorn reports as a 400
-            return self._answer(431, f"the request line and headers are larger than {MAX_HEADER_BYTES:,} bytes; send fewer or shorter headers")
+            return self._answer(431, f"the request line and headers are larger than {MAX_HEADER_BYTES:,} bytes; "
+                                     "send fewer or shorter headers")
         super().send_400_response(msg)
 
     def _count(self, n: int) -> None:
@@ -121,12 +122,13 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
-        too_big = f"the request is larger than {self.limit:,} bytes; send smaller files or ask the operator to raise LADDER_MAX_REQUEST_BYTES"
+        too_big = (f"the request is larger than {self.limit:,} bytes; send smaller files or ask the operator to raise "
+                   "LADDER_MAX_REQUEST_BYTES")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await problem(413, too_big)(scope, receive, send)
         seen = 0
 
-        async def counted() -> dict:
+        async def counted() -> Message:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
@@ -218,7 +220,7 @@ class Observe:
             return await self.app(scope, receive, send)
         started, status = time.perf_counter(), None
 
-        async def sent(message: dict) -> None:
+        async def sent(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -237,19 +239,18 @@ class Observe:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API for these settings (default: from the environment)."""
     settings = settings or get_settings()
-    ctx = build(settings)
     if settings.embedded:
         from workers.embedded import EmbeddedWorker
 
-        embedded = EmbeddedWorker(ctx)  # also the context's dispatcher
+        local = dispatch.LocalQueue()
+        ctx = build(settings, local)
+        embedded = EmbeddedWorker(ctx, local)
 
         def broker_ok() -> bool:
             return embedded.is_alive()
     else:
-        from workers.celery_app import CeleryDispatcher, app as celery
-
-        ctx.dispatcher = CeleryDispatcher(celery)
-        broker = redis.Redis.from_url(settings.broker_url, socket_timeout=1, socket_connect_timeout=1)
+        ctx = build(settings, dispatch.CeleryDispatcher(dispatch.celery(settings), settings.queue))
+        broker = redis.Redis.from_url(settings.broker_url or "", socket_timeout=1, socket_connect_timeout=1)
 
         def broker_ok() -> bool:
             try:

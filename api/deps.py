@@ -10,8 +10,8 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from api.problems import Problem
+from services.context import Context
 from services.tenants.service import digest, tenant_of
-from workers.context import Context
 
 T = TypeVar("T")
 

@@ -4,7 +4,6 @@ import base64
 import contextlib
 import hashlib
 import itertools
-import json
 import logging
 import tempfile
 import uuid
@@ -21,29 +20,21 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-import services
 from api.deps import ContextDep, TenantDep, in_session
 from api.problems import Problem, responses
 from api.schemas import JobOut, JobPage
 from services import faults, scratch
-from services.bounds import check_bounds
+from services.context import Context
 from services.jobs import repository, service
-from services.method.pipeline import STAGE_SCHEMA
+from services.jobs.submission import submit
 from services.uploads import (
     PARTS,
     Limits,
-    check_data,
-    check_model,
     check_part,
-    check_splits,
-    parse_config,
-    parse_spec,
 )
-from workers.context import Context
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["jobs"])
-SUFFIX = {"safetensors": ".safetensors", "pt2": ".pt2", "graph": ".graph.safetensors", "npz": ".npz", "zip": ".zip"}
 CURSOR = r"^[A-Za-z0-9_-]+={0,2}$"  # the `next` link's cursor: URL-safe base64 of "created_at|id"
 JobId = Annotated[uuid.UUID, PathParam(description="the job's id, as POST /v1/harden answered it")]
 _WHAT = {
@@ -131,10 +122,11 @@ class _JobParts(MultiPartParser):
         if part.file is not None:
             check_part(part.field_name, part.file.filename, part.file.content_type)
             spooled = part.file.file  # Starlette's, still empty: swapped for the part's file in the upload's folder
-            self._files_to_close_on_error.remove(spooled)
+            self._files_to_close_on_error.remove(spooled)  # type: ignore[arg-type]
             spooled.close()
-            part.file.file = _Sink(self.folder / part.field_name)  # a name from PARTS, checked above
-            self._files_to_close_on_error.append(part.file.file)
+            sink = _Sink(self.folder / part.field_name)  # a name from PARTS, checked above
+            part.file.file = sink  # type: ignore[assignment]  # it writes, seeks, reads and closes like the spooled file
+            self._files_to_close_on_error.append(sink)  # type: ignore[arg-type]
         self.size = 0
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -150,7 +142,8 @@ async def _parts(request: Request, limits: Limits, folder: Path) -> FormData:
     """The job's parts: fields in memory (capped at json_bytes), files written to `folder` as they arrive."""
     media, _ = parse_options_header(request.headers.get("content-type", ""))
     if media != b"multipart/form-data":
-        raise Problem(415, "send the job as multipart/form-data with parts model, model_spec, train_data (and optionally test_data, validation_data, config)")
+        raise Problem(415, "send the job as multipart/form-data with parts model, model_spec, train_data "
+                           "(and optionally test_data, validation_data, config)")
     async with contextlib.aclosing(request.stream()) as stream:
         try:
             return await _JobParts(request, stream, limits, folder).parse()
@@ -197,60 +190,6 @@ def _spooling(settings: Any) -> Iterator[None]:
                       {"Retry-After": str(settings.retry_after_s)}) from e
 
 
-def _submit(ctx: Context, tenant: uuid.UUID, key: str | None, paths: dict[str, Path], filenames: dict[str, str | None],
-            shas: dict[str, str]):
-    """Validate the parts, store them and create the job; (job, created). Nothing stays behind on failure."""
-    limits = Limits.from_settings(ctx.settings)
-    request_digest = hashlib.sha256(json.dumps(sorted(shas.items())).encode()).hexdigest()
-    if key is not None:
-        with ctx.db.reading() as s:
-            earlier = repository.by_idempotency_key(s, tenant, key)
-            if earlier is not None:
-                return service.replay(earlier, request_digest), False
-    with ctx.db.reading() as s:
-        service.refuse_if_full(s, tenant, ctx.settings.max_active_jobs_per_tenant)
-    spec = parse_spec(paths["model_spec"].read_bytes())
-    config = parse_config(paths["config"].read_bytes() if "config" in paths else None)
-    check_bounds(config, ctx.settings)
-    inputs: dict[str, Any] = {}
-    fmt = check_model(paths["model"], filenames["model"] or "model", spec, limits)
-    inputs["model"] = {"format": fmt}
-    for part in ("train_data", "test_data", "validation_data"):
-        if part in paths:
-            info = check_data(paths[part], filenames[part] or part, spec, limits, part)
-            inputs[part] = {"format": info.format, "samples": info.n, "class_counts": info.class_counts}
-    check_splits(inputs["train_data"]["class_counts"], config, "test_data" in paths, "validation_data" in paths)
-    for part in inputs:
-        inputs[part] |= {"sha256": shas[part], "size": paths[part].stat().st_size, "filename": filenames[part]}
-    inputs_digest = hashlib.sha256(json.dumps([
-        services.__version__, STAGE_SCHEMA, spec.model_dump(mode="json"), config.model_dump(mode="json"),
-        [shas.get(p) for p in ("model", "train_data", "test_data", "validation_data")],
-    ]).encode()).hexdigest()
-    job_id = uuid.uuid4()
-    stored = {}
-    try:
-        for part in inputs:
-            k = f"jobs/{job_id}/inputs/{part}{SUFFIX[inputs[part]['format']]}"
-            stored[f"input.{part}"] = (k, *ctx.store.put(k, paths[part]))
-        with ctx.db.session() as s:
-            job, created = service.create(s, service.NewJob(
-                job_id, tenant, key, request_digest, inputs_digest, spec.model_dump(mode="json"),
-                config.model_dump(mode="json"), inputs, stored), ctx.dispatcher,
-                ctx.settings.max_active_jobs_per_tenant)
-    except BaseException as e:
-        if faults.classify(e) == faults.DATABASE:  # the commit may have landed with its answer lost: keep the inputs,
-            e.add_note(f"jobs/{job_id} kept: the sweeper removes it if no job row owns it")  # the sweeper decides
-            raise
-        try:
-            ctx.store.delete_prefix(f"jobs/{job_id}")
-        except Exception as cleanup:  # the store is down: the answer is about the first error, its log line says this too
-            e.add_note(f"jobs/{job_id} not deleted ({faults.describe(cleanup)}); the sweeper removes it")
-        raise
-    if not created:  # a concurrent request with the same key created the job first
-        ctx.store.delete_prefix(f"jobs/{job_id}")
-    return job, created
-
-
 def _location(job: Any) -> dict[str, str]:
     return {"Location": f"/v1/jobs/{job.id}", "Retry-After": "5"}
 
@@ -272,7 +211,7 @@ async def harden(
                 paths, filenames, shas = await run_in_threadpool(_receive, form, Path(tmp), limits)
             finally:
                 await form.close()
-        job, created = await run_in_threadpool(_submit, ctx, tenant, idempotency_key, paths, filenames, shas)
+        job, created = await run_in_threadpool(submit, ctx, tenant, idempotency_key, paths, filenames, shas)
     response.headers.update(_location(job))
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -325,7 +264,9 @@ async def cancel_job(job_id: JobId, ctx: ContextDep, tenant: TenantDep) -> JobOu
     """Cancel a queued job now, or a running one at its next batch."""
     def cancel(session) -> JobOut:
         _job(session, tenant, job_id)
-        return JobOut.of(service.request_cancel(session, repository.get(session, job_id, lock=True), ctx.store))
+        job = repository.get(session, job_id, lock=True)
+        assert job is not None  # _job found it, and jobs are never deleted under a tenant's request
+        return JobOut.of(service.request_cancel(session, job, ctx.store))
 
     return await in_session(ctx, cancel, write=True)  # committed, and its artifacts deleted, before the answer goes out
 
@@ -335,7 +276,8 @@ def _finished(job: Any, what: str) -> None:
         raise Problem(409, f"job {job.id} is {job.status}; the {what} is ready once its status is succeeded")
 
 
-@router.get("/jobs/{job_id}/model", response_class=Response, responses={**responses(401, 404, 409, 422, 503), 200: {"content": {"application/octet-stream": {}},
+@router.get("/jobs/{job_id}/model", response_class=Response, responses={
+    **responses(401, 404, 409, 422, 503), 200: {"content": {"application/octet-stream": {}},
             "description": "the hardened weights (safetensors state dict); ETag = SHA-256"}, 304: {"description": "not modified"}})
 async def get_model(job_id: JobId, ctx: ContextDep, tenant: TenantDep,
                     if_none_match: Annotated[str | None, Header()] = None) -> Response:
@@ -381,7 +323,8 @@ async def get_report(job_id: JobId, ctx: ContextDep, tenant: TenantDep) -> dict[
     return await in_session(ctx, report)
 
 
-@router.get("/jobs/{job_id}/report.html", response_class=Response, responses={**responses(401, 404, 409, 422, 503), 200: {"content": {"text/html": {}},
+@router.get("/jobs/{job_id}/report.html", response_class=Response, responses={
+    **responses(401, 404, 409, 422, 503), 200: {"content": {"text/html": {}},
             "description": "the evaluation report as one self-contained page; ETag = SHA-256"},
             304: {"description": "not modified"}})
 async def get_report_html(job_id: JobId, ctx: ContextDep, tenant: TenantDep,

@@ -20,8 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.schemas import ProblemOut
 from services import faults
-from services.errors import InputError
-from services.jobs.service import Conflict
+from services.errors import InputError, NotFound, TooLarge, Unavailable, WrongMediaType
+from services.jobs.service import Conflict, IdempotencyMismatch, TooManyJobs
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
@@ -146,9 +146,19 @@ def document(app: FastAPI) -> None:
                     for code, response in operation.get("responses", {}).items():
                         if code[0] in "45":
                             response["content"] = {MEDIA_TYPE: {"schema": ref}}
-        return app.openapi_schema
+        return app.openapi_schema or generate()
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+# each kind of bad input and its answer, the most specific first; any other InputError is a 422
+STATUSES: tuple[tuple[type[InputError], int], ...] = (
+    (TooLarge, 413), (WrongMediaType, 415), (NotFound, 404), (TooManyJobs, 429), (Unavailable, 503))
+
+
+def status_of(e: InputError) -> int:
+    """The HTTP status of a kind of bad input."""
+    return next((status for kind, status in STATUSES if isinstance(e, kind)), 422)
 
 
 def install(app: FastAPI) -> None:
@@ -160,15 +170,16 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(InputError)
     async def _input(request: Request, e: InputError) -> JSONResponse:
-        status, headers = getattr(e, "status", 422), getattr(e, "headers", None)
-        if status == 503 and not headers:  # the sandbox is busy: every 503 says when to come back
+        status, headers = status_of(e), None
+        if isinstance(e, TooManyJobs):
+            headers = {"Retry-After": str(e.retry_after_s)}
+        elif status == 503:  # every 503 says when to come back
             headers = {"Retry-After": str(request.app.state.ctx.settings.retry_after_s)}
         return problem(status, str(e), headers)
 
     @app.exception_handler(Conflict)
     async def _conflict(request: Request, e: Conflict) -> JSONResponse:
-        status = 422 if "Idempotency-Key" in str(e) else 409
-        return problem(status, str(e))
+        return problem(422 if isinstance(e, IdempotencyMismatch) else 409, str(e))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:

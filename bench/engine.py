@@ -45,14 +45,16 @@ sys.path.insert(0, str(ROOT))  # bench.service_job and tests.harness, when run a
 
 from bench import service_job  # noqa: E402
 from services.checkpoints import DirectoryStore  # noqa: E402
-from services.datasets import mnist5k, save_npz, stratified_split  # noqa: E402
+from services.datasets import mnist5k, save_npz  # noqa: E402
 from services.method.attacks import pgd  # noqa: E402
 from services.method.config import AttackConfig, LadderConfig  # noqa: E402
+from services.method.data import stratified_split  # noqa: E402
 from services.method.evaluate import evaluate  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
 from services.method.models import ModelSpec, build_classifier, net_weights  # noqa: E402
 from services.method.perturb import directions, generate, random_targets  # noqa: E402
-from services.method.pipeline import evaluation_points, stage_seed, train_surrogate, validation_split  # noqa: E402
+from services.method.pipeline import evaluation_points, train_surrogate, validation_split  # noqa: E402
+from services.method.stages import stage_seed  # noqa: E402
 
 SPEC = ModelSpec(architecture="lenet", num_classes=10, input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081])
 LADDER_STAGES = ("latents", "boundary", "generator", "adversarial")
@@ -247,8 +249,10 @@ def summarise(runs: list[dict]) -> dict:
         per_run.update(
             budget_cost_ratio=b(lambda r: r["budget_cost_ratio"]),
             budget_clean_delta_vs_control=b(lambda r: 100 * (r["models_on"]["ladder"]["clean"] - r["models_on"]["control"]["clean"])),
-            budget_ladder_clean_delta_vs_vanilla=b(lambda r: 100 * (r["models_on"]["ladder"]["clean"] - r["models_on"]["vanilla"]["clean"])),
-            budget_transfer_pgd_delta_vs_vanilla=b(lambda r: 100 * (r["models_on"]["ladder"]["blackbox_pgd"] - r["models_on"]["vanilla"]["blackbox_pgd"])))
+            budget_ladder_clean_delta_vs_vanilla=b(
+                lambda r: 100 * (r["models_on"]["ladder"]["clean"] - r["models_on"]["vanilla"]["clean"])),
+            budget_transfer_pgd_delta_vs_vanilla=b(
+                lambda r: 100 * (r["models_on"]["ladder"]["blackbox_pgd"] - r["models_on"]["vanilla"]["blackbox_pgd"])))
     return {
         **{k: statistics.fmean(v) for k, v in per_run.items()},
         "reports_agree": all(r["reports_agree"] for r in runs),
@@ -285,7 +289,7 @@ def markdown(summary: dict) -> str:
         ]
     lines += ["", "| model | clean | transfer FGSM | transfer PGD | white-box FGSM | white-box PGD |", "|---|---|---|---|---|---|"]
     for name, m in summary["models"].items():
-        cell = lambda k: f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}"  # noqa: E731
+        cell = lambda k, m=m: f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}"  # noqa: E731
         lines.append(f"| {name} | {cell('clean')} | {cell('blackbox_fgsm')} | {cell('blackbox_pgd')} | "
                      f"{cell('whitebox_fgsm')} | {cell('whitebox_pgd')} |")
     lines += ["", "| stage | `ladder harden` seconds | service seconds |", "|---|---|---|"]

@@ -33,15 +33,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.datasets import mnist5k, stratified_split  # noqa: E402
-from services.method.attacks import art_classifier, craft  # noqa: E402
+from services.datasets import mnist5k  # noqa: E402
+from services.method.attacks import art_classifier, craft, pgd_step  # noqa: E402
 from services.method.config import EvaluateConfig, LadderConfig  # noqa: E402
+from services.method.data import stratified_split  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
 from services.method.models import ModelSpec, build_classifier  # noqa: E402
-from services.method.pipeline import STAGES, Run  # noqa: E402
+from services.method.pipeline import Run  # noqa: E402
+from services.method.report import build_report  # noqa: E402
+from services.method.stages import STAGES  # noqa: E402
 
 EPS, STEPS = 0.3, 40
-STEP = 2.5 * EPS / STEPS
+STEP = pgd_step(EPS, STEPS)
 BATCH = 500
 
 
@@ -121,7 +124,7 @@ def default_job(model, spec, train, test) -> dict:
     started = time.perf_counter()
     run.output(STAGES[-1])
     total = time.perf_counter() - started
-    report = run.report()
+    report = build_report(run)
     return {
         "stage_seconds": run.seconds, "total_seconds": total, "evaluate_seconds": run.seconds["evaluate"],
         "evaluate_share": run.seconds["evaluate"] / total,

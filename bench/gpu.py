@@ -50,10 +50,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench import service_job  # noqa: E402  (the job through the service, shared with bench/engine.py)
 from bench.engine import LADDER_STAGES, SPEC  # noqa: E402  (the paper's LeNet spec; LADDER's own stages)
-from services.datasets import mnist5k, mnist_idx, save_npz, stratified_split  # noqa: E402
+from services.datasets import mnist5k, mnist_idx, save_npz  # noqa: E402
 from services.devices import describe, resolve  # noqa: E402
-from services.method.attacks import pgd  # noqa: E402
+from services.method.attacks import pgd, pgd_step  # noqa: E402
 from services.method.config import AttackConfig, LadderConfig  # noqa: E402
+from services.method.data import stratified_split  # noqa: E402
 from services.method.finetune import fit  # noqa: E402
 from services.method.models import build_classifier, load_net_weights, net_weights  # noqa: E402
 from tests.harness import QUICK_CONFIG  # noqa: E402  (--quick: the tests' small config)
@@ -301,7 +302,7 @@ def run_pgd_at(vanilla, train, config: LadderConfig, seed: int, budget: Budget) 
             "fraction_done": frac, "epochs": f.epochs,
             # unfinished: the whole fine-tuning's time, extrapolated from the share of its batches it did
             "seconds": seconds if finished else (seconds / frac if frac > 0 else None), "extrapolated": not finished,
-            "eps": attack.eps, "steps": attack.pgd_steps, "step_size": 2.5 * attack.eps / attack.pgd_steps,
+            "eps": attack.eps, "steps": attack.pgd_steps, "step_size": pgd_step(attack.eps, attack.pgd_steps),
             "random_start": attack.pgd_random_start, "batch_size": f.batch_size, "lr": f.lr, "momentum": f.momentum,
             "lr_schedule": f.lr_schedule,
             "max_memory_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
@@ -394,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vanilla-epochs", type=int, default=None, help="default 10 (the paper's), 2 with --quick")
     p.add_argument("--pg", help="PostgreSQL URL (postgresql+psycopg://…) for a real `ladder serve` + `ladder worker`")
     p.add_argument("--redis", help="Redis URL (the broker) for a real `ladder serve` + `ladder worker`")
-    p.add_argument("--budget-s", type=float, default=480.0, help="the whole run's wall-time limit: what runs past it is stopped and recorded")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="the whole run's wall-time limit: what runs past it is stopped and recorded")
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16), help="CPU threads of every process")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "ladder-gpu-bench"), help="vanilla models kept between runs")
     p.add_argument("--no-cache", action="store_true", help="train the vanilla model again")

@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench.service_job and tests.harness, when run as a script
 
 from bench import service_job  # noqa: E402
-from services.datasets import balanced_order, channels_first, load_npz, save_npz, stratified_split  # noqa: E402
+from services.datasets import channels_first, load_npz, save_npz  # noqa: E402
 from services.method.attacks import craft  # noqa: E402
 from services.method.config import LadderConfig  # noqa: E402
+from services.method.data import balanced_order, stratified_split  # noqa: E402
 from services.method.evaluate import correct_rows, fraction, transfer_config  # noqa: E402
 from services.method.finetune import accuracy  # noqa: E402
 from services.method.models import ModelSpec, build_classifier  # noqa: E402

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from paper_mnist import DEFAULT_DATA, SPEC, changed, configure, load_mnist, log  # noqa: E402
+
 from services.method.attacks import fgsm, pgd  # noqa: E402
 from services.method.config import AttackConfig  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ns = argparse.Namespace(seed=args.seed, core=True, sources_per_class=20 if args.smoke else 450,
                             finetune_epochs=1 if args.smoke else 3, cw_per_class=50, autoattack_per_class=100, smoke=args.smoke,
-                            random_share=0.0, crossing_quantiles=None)  # "ladder" is the paper's normal; the blend is the ladder_mix recipes
+                            # "ladder" is the paper's normal; the blend is the ladder_mix recipes
+                            random_share=0.0, crossing_quantiles=None)
     cfg = configure(ns)
     run = Run(vanilla, SPEC, train, test, cfg, MemoryStore())
     z, boundary, gfit = (run.output(s) for s in ("latents", "boundary", "generator"))

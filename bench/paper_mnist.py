@@ -51,13 +51,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.cli import load_data  # noqa: E402
-from services.datasets import ImageData, channels_first, stratified_split  # noqa: E402
+from services.datasets import channels_first  # noqa: E402
 from services.method.config import LadderConfig  # noqa: E402
+from services.method.data import (
+    ImageData,
+    stratified_split,  # noqa: E402
+)
 from services.method.finetune import accuracy, fit  # noqa: E402
 from services.method.models import ModelSpec, build_classifier  # noqa: E402
-from services.method.pipeline import STAGES, MemoryStore, Run, per_class, validation_seed  # noqa: E402
+from services.method.pipeline import MemoryStore, Run, per_class  # noqa: E402
 from services.method.rank import report_ranks  # noqa: E402
+from services.method.report import build_report, calibration  # noqa: E402
 from services.method.select import within  # noqa: E402
+from services.method.stages import STAGES, validation_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mnist"
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         run.output(stage)
     t = part("LADDER stages (latents, boundary, generator, examples)", t)
     tuned = run.output("finetune")
-    t = part(f"fine-tuning ({len(tuned['weights'])} models × {args.finetune_epochs} epochs)", t)
+    t = part(f"fine-tuning ({len(tuned.weights)} models × {args.finetune_epochs} epochs)", t)
 
     extra_runs = {}
     perturbs = {k: changed(cfg.perturb, v) for k, v in EXTRA_LADDERS.items()}
@@ -314,14 +320,14 @@ def main(argv: list[str] | None = None) -> int:
             r.store.save(stage, run.output(stage))
         tick = time.perf_counter()
         weights, loss = r.finetune_one(r.trainings(r.output("adversarial"))["ladder"], Ticker())
-        tuned["weights"][name], tuned["loss"][name] = weights, loss
-        tuned["seconds"][name] = time.perf_counter() - tick  # evaluated with the others, below
+        tuned.weights[name], tuned.loss[name] = weights, loss
+        tuned.seconds[name] = time.perf_counter() - tick  # evaluated with the others, below
     if extra_runs:
         t = part("extra LADDER rows (examples and fine-tuning)", t)
 
     run.output("evaluate")
     t = part("evaluation (surrogate training and every attack)", t)
-    report = run.report()
+    report = build_report(run)
     models = {}
     extra = {}
     for name, model in run.models().items():
@@ -359,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "boundary": report["boundary"],
         "generator": report["generator"],
         "calibration": report["calibration"],
-        "raw_calibration": extra_runs["ladder_raw_eps"].calibration(extra_runs["ladder_raw_eps"].output("adversarial"))
+        "raw_calibration": calibration(extra_runs["ladder_raw_eps"], extra_runs["ladder_raw_eps"].output("adversarial"))
         if "ladder_raw_eps" in extra_runs else None,
         "evaluation": report["evaluation"],
         "finetune": report["finetune"],

@@ -1,7 +1,7 @@
 """The spread over seeds of bench/paper_mnist.py or bench/ladder_recipes.py results: mean ± sample standard
 deviation per model and column.
 
-    .venv/bin/python bench/seeds.py bench/results/paper_mnist_gpu_seed{0,1,2}.json
+    .venv/bin/python bench/seeds.py bench/results/paper_mnist{,_seed1}.json
     .venv/bin/python bench/seeds.py bench/results/ladder_recipes_gpu_seed{0,1,2}.json
     .venv/bin/python bench/seeds.py --models vanilla,control,ladder bench/results/paper_mnist{,_seed1,_seed2}.json
         → a markdown table on stdout (docs/paper-reproduction.md quotes them)

@@ -55,14 +55,21 @@ def size_text(n: float) -> str:
     return f"{n:.0f} {units[i]}" if i == 0 or abs(n) >= 100 else f"{n:.1f} {units[i]}"
 
 
+def copy_hashed(src: BinaryIO, dst: BinaryIO | None = None) -> tuple[str, int]:
+    """Read `src` to its end in chunks, writing them to `dst` if given; the SHA-256 and size of what was read."""
+    h, size = hashlib.sha256(), 0
+    while chunk := src.read(CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+        if dst is not None:
+            dst.write(chunk)
+    return h.hexdigest(), size
+
+
 def file_digest(path: Path) -> tuple[str, int]:
     """SHA-256 and size of a file, read in chunks."""
-    h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
+        return copy_hashed(f)
 
 
 class LocalStore:
@@ -97,22 +104,19 @@ class LocalStore:
                               f"({size_text(need)}) is refused; free space there or lower the reserve")
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + f".{os.getpid()}.tmp")
-        h, size = hashlib.sha256(), 0
         try:
             with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                while chunk := fin.read(CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-                    fout.write(chunk)
+                sha, size = copy_hashed(fin, fout)
             os.replace(tmp, dst)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                written = tmp.stat().st_size if tmp.exists() else 0
                 raise OSError(e.errno, f"the artifact store {self.root} is full: storing {key} failed after "
-                              f"{size_text(size)} ({e.strerror}); free space there") from e
+                              f"{size_text(written)} ({e.strerror}); free space there") from e
             raise
         finally:
             tmp.unlink(missing_ok=True)
-        return h.hexdigest(), size
+        return sha, size
 
     def fetch(self, key: str, dst: Path) -> None:
         """Copy the artifact to `dst`."""

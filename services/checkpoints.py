@@ -5,10 +5,11 @@ written atomically (temporary file, then rename), so a crash never leaves a half
 """
 
 import dataclasses
+import hashlib
 import importlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+import services
+from services.method.config import LadderConfig
+from services.method.models import ModelSpec
+from services.method.pipeline import STAGE_SCHEMA
+
 _DATACLASS_MODULES = ("services.method.",)
+
+
+def inputs_digest(spec: ModelSpec, config: LadderConfig, inputs: Sequence[str | None]) -> str:
+    """What keys a run's stored stages: this code's version and stage schema, the spec, the configuration and a
+    digest of each input (None for one not given). Stored stages are reused only under the same key."""
+    return hashlib.sha256(json.dumps([
+        services.__version__, STAGE_SCHEMA, spec.model_dump(mode="json"), config.model_dump(mode="json"), list(inputs),
+    ]).encode()).hexdigest()
 
 
 def _encode(value: Any, tensors: dict[str, Tensor]) -> Any:
@@ -57,7 +71,7 @@ def _decode(value: Any, tensors: dict[str, Tensor]) -> Any:
     return cls(**{k: _decode(v, tensors) for k, v in value["fields"].items()})
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Let `write` fill a temporary file beside `path`, then rename it into place."""
     tmp = path.with_name(path.name + ".tmp")
     try:

@@ -12,8 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services.checkpoints import atomic_write
 from services.errors import InputError
-
-STAGES = ("latents", "boundary", "generator", "adversarial", "finetune", "evaluate", "report")
+from services.method.stages import JOB_STAGES
 
 
 class ClientError(Exception):
@@ -80,7 +79,7 @@ class Client:
         console = console or Console(stderr=True)
         bars = Progress(TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
-        tasks = {s: bars.add_task(s, total=1.0, info="", start=False, visible=False) for s in STAGES}
+        tasks = {s: bars.add_task(s, total=1.0, info="", start=False, visible=False) for s in JOB_STAGES}
         failures = 0
         with bars:
             while True:

@@ -1,17 +1,27 @@
-"""The one error type for bad user input, and the one-line form of a pydantic validation error."""
+"""The kinds of bad input, and the one-line form of a pydantic validation error. The method's InputError is the
+base of them all; api/problems.py chooses each kind's HTTP status."""
 
 from pydantic import ValidationError
 
+from services.method.errors import InputError
 
-class InputError(ValueError):
-    """Input that cannot be used; the message says what to fix, in one line; `status` is the HTTP answer."""
+__all__ = ["InputError", "NotFound", "TooLarge", "Unavailable", "WrongMediaType", "one_line"]
 
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
 
-    def __reduce__(self):  # keeps the status when the error crosses a process boundary (worker → parent)
-        return type(self), (str(self), self.status)
+class TooLarge(InputError):
+    """An upload, or a part of one, over a limit."""
+
+
+class WrongMediaType(InputError):
+    """A part of a type or name the server does not take."""
+
+
+class Unavailable(InputError):
+    """What the request needs is not available on this server now (a check at capacity, a feature switched off)."""
+
+
+class NotFound(InputError):
+    """The request names something (a job) that does not exist."""
 
 
 def one_line(e: ValidationError, what: str) -> str:

@@ -31,15 +31,17 @@ def downgrade(url: str, revision: str = "base") -> None:
 
 def head() -> str:
     """The newest revision this code ships (one line of migrations, so one head)."""
-    return ScriptDirectory.from_config(_config("")).get_current_head()
+    head = ScriptDirectory.from_config(_config("")).get_current_head()
+    assert head is not None, "migrations/ holds the schema's revisions"
+    return head
 
 
 def current(url: str) -> str | None:
     """The revision the database is at (Alembic's alembic_version), or None for a database never migrated."""
-    from services.db import make_engine
-
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import OperationalError
+
+    from services.db import make_engine
 
     engine = make_engine(url, pool_size=1)
     try:

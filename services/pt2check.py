@@ -10,13 +10,13 @@ archive whose names are not plain identifiers or whose members hold native code,
 Python snippets (services.pt2scan); this process is the second wall, and the sandbox the third.
 """
 
-import io
 import json
 import os
 import resource
 import sys
 import tempfile
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -25,7 +25,7 @@ from services.method import graphnet
 from services.method.models import Classifier, ModelSpec, check_outputs, prepare
 
 
-def load_program(f: io.BufferedIOBase) -> torch.export.ExportedProgram:
+def load_program(f: IO[bytes]) -> torch.export.ExportedProgram:
     """The exported program of an archive that passed the upload scan (graphnet.encode then checks every call)."""
     try:
         program = torch.export.load(f)

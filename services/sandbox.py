@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from services.errors import InputError
+from services.errors import InputError, Unavailable
 
 _ROOT = Path(__file__).resolve().parents[1]  # the directory that holds the `services` package
 _SLOTS: dict[int, threading.BoundedSemaphore] = {}
@@ -74,11 +74,11 @@ def run_pt2check(mode: str, archive: Path, spec_json: str, *, memory_bytes: int,
     """Run `services.pt2check MODE` on `archive` in a sandbox; its JSON answer. `out` receives what it writes."""
     why = available()
     if why is not None:
-        raise InputError(f"custom (.pt2) models are disabled on this server: {why}; upload a zoo architecture with "
-                         "safetensors weights, or ask the operator to install it", 503)
+        raise Unavailable(f"custom (.pt2) models are disabled on this server: {why}; upload a zoo architecture with "
+                         "safetensors weights, or ask the operator to install it")
     slots = _slots(concurrent)
     if not slots.acquire(timeout=min(30.0, timeout_s)):
-        raise InputError(f"the server is checking {concurrent} custom (.pt2) models already; retry in a minute", 503)
+        raise Unavailable(f"the server is checking {concurrent} custom (.pt2) models already; retry in a minute")
     try:
         with archive.open("rb") as src, (out.open("wb") if out else open(os.devnull, "wb")) as sink:
             argv = ["-m", "services.pt2check", mode, str(src.fileno()), str(sink.fileno()), spec_json, str(memory_bytes),

@@ -38,7 +38,7 @@ def sweep_scratch(grace_s: float, *, root: Path | None = None, now: float | None
     each also one warning line."""
     root = Path(root or tempfile.gettempdir())
     now = time.time() if now is None else now
-    removed = []
+    removed: list[tuple[str, float]] = []
     try:
         entries = [e for e in os.scandir(root) if e.name.startswith("ladder-") and e.is_dir(follow_symlinks=False)]
     except FileNotFoundError:

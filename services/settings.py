@@ -34,7 +34,8 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "production"] = Field("development", description="production refuses unsafe defaults")
     data_dir: Path = Field(Path("ladder-data"), description="embedded database and local artifacts live here")
-    database_url: str | None = Field(None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default: SQLite in data_dir")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default: SQLite in data_dir")
     broker_url: str | None = Field(None, description="Celery broker, e.g. redis://host:6379/0; default: an in-process worker")
     artifacts_url: str | None = Field(None, description="file:///path or s3://bucket/prefix; default: data_dir/artifacts")
     s3_endpoint_url: str | None = Field(None, description="for S3-compatible stores (MinIO, …)")
@@ -62,7 +63,8 @@ class Settings(BaseSettings):
     max_zip_ratio: int = 200
     max_zip_members: int = 100_000  # zipfile keeps ~0.5 kB per member in memory
     max_num_classes: int = Field(100_000, ge=2, description="a spec's num_classes (its last layer is num_classes × the latent size)")
-    max_model_parameters: int = Field(500_000_000, ge=1, description="parameters of a zoo network, counted on the meta device before any weight is read")
+    max_model_parameters: int = Field(
+        500_000_000, ge=1, description="parameters of a zoo network, counted on the meta device before any weight is read")
     pt2_load_timeout_s: int = 120
     pt2_load_memory_bytes: int = 8192 * MB
     pt2_max_concurrent: int = Field(2, ge=1, description="sandboxed .pt2 loads at once per process; more wait, then answer 503")

@@ -30,7 +30,7 @@ from torch import nn
 
 from services.bounds import check_bounds
 from services.datasets import mnist5k
-from services.errors import InputError
+from services.errors import InputError, TooLarge
 from services.method.config import LadderConfig
 from services.method.models import ModelSpec, build_classifier, build_net, net_weights
 from services.settings import Settings
@@ -92,7 +92,7 @@ def validate_parts(parts: Parts, tmp: Path, limits: Limits) -> Validated:
         check_part(name, filename, content_type)
         cap = getattr(limits, PARTS[name].cap)
         if len(content) > cap:
-            raise InputError(f"{name} is larger than {cap} bytes", 413)
+            raise TooLarge(f"{name} is larger than {cap} bytes")
     spec = parse_spec(parts["model_spec"][1])
     config = parse_config(parts["config"][1] if "config" in parts else None)
     check_bounds(config, Settings())  # the LADDER_MAX_* defaults, as the API's tests run them

@@ -5,8 +5,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from services.datasets import ImageData, mnist5k, stratified_split
+from services.datasets import mnist5k
 from services.method.config import LadderConfig
+from services.method.data import ImageData, stratified_split
 from services.method.finetune import fit
 from services.method.models import Classifier, ModelSpec, build_classifier, prepare
 

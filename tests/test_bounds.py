@@ -9,10 +9,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from api.problems import status_of
 from services.bounds import COUNT_LIMITS, VALUE_LIMITS, check_bounds
 from services.errors import InputError
 from services.method.config import SEED_LIMIT, LadderConfig
-from services.method.pipeline import STAGES, stage_seed
+from services.method.stages import STAGES, stage_seed
 from services.settings import Settings, get_settings
 from services.uploads import parse_config
 
@@ -34,7 +35,7 @@ def _with(path: str, value) -> dict:
 def _refusal(config: dict, settings: Settings = DEFAULTS) -> str:
     with pytest.raises(InputError) as e:
         check_bounds(LadderConfig.model_validate(config), settings)
-    assert e.value.status == 422 and "\n" not in str(e.value)
+    assert status_of(e.value) == 422 and "\n" not in str(e.value)
     return str(e.value)
 
 
@@ -126,7 +127,7 @@ def test_nan_and_infinity_are_refused_anywhere(path, value):
     assert ".".join(str(p) for p in first["loc"]).startswith(path) and first["type"] == "finite_number"
     with pytest.raises(InputError) as e:  # through the upload's parser: 422, whichever layer refuses it first
         parse_config(json.dumps(_with(path, value)).encode())  # json.dumps writes NaN / Infinity, as Python reads them
-    assert e.value.status == 422
+    assert status_of(e.value) == 422
 
 
 @pytest.mark.parametrize("seed", [SEED_LIMIT, 2**63, 2**64, 10**30, -1])
@@ -136,7 +137,7 @@ def test_a_seed_outside_0_to_2_53_is_refused(seed):
     assert e.value.errors()[0]["loc"] == ("seed",)
     with pytest.raises(InputError) as e:
         parse_config(json.dumps({"seed": seed}).encode())
-    assert e.value.status == 422
+    assert status_of(e.value) == 422
 
 
 def test_the_largest_seed_and_every_seed_derived_from_it_seed_torch():

@@ -4,9 +4,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from services.datasets import balanced_order
 from services.method.attacks import expand_targets
 from services.method.config import ATTACK_NAMES, EvaluateConfig
+from services.method.data import balanced_order
 from services.method.evaluate import Examples, evaluate, per_point, worst_case
 from services.method.finetune import fit
 from services.method.rank import average_rank, column_ranks, report_ranks

@@ -34,7 +34,6 @@ from . import harness
 from .test_lifecycle import Recorder, db  # noqa: F401  (the PostgreSQL and SQLite databases)
 from .test_service import _auth, _config, _submit, inputs  # noqa: F401
 
-
 # -- which errors are the infrastructure's ------------------------------------------------------------------------
 
 def _s3_error(code: str, status: int) -> ClientError:

@@ -212,7 +212,8 @@ def test_curl_with_every_part_a_file(served, tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     for extra, fragment in ((["-F", f"notes=@{tmp_path / 'notes.txt'}"], "unknown part 'notes'"),
                             (["-F", f"config=@{tmp_path / 'config.json'}"], "part 'config' was sent more than once")):
-        out = subprocess.run([*args, *extra, "-w", "\n%{http_code} %{content_type}"], capture_output=True, text=True, check=True, timeout=60)
+        out = subprocess.run([*args, *extra, "-w", "\n%{http_code} %{content_type}"], capture_output=True, text=True, check=True,
+                             timeout=60)
         body, _, status = out.stdout.rpartition("\n")
         assert status == "422 application/problem+json" and fragment in json.loads(body)["detail"], out.stdout
 

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from api.problems import status_of
 from services.artifacts import open_store
 from services.db import Database
 from services.jobs import repository, service
@@ -96,7 +97,7 @@ def test_a_tenants_active_jobs_are_capped_and_replays_and_finished_jobs_are_not_
     _create(db, _new(tenant), cap=2)
     with pytest.raises(TooManyJobs) as e:
         _create(db, _new(tenant), cap=2)
-    assert e.value.status == 429 and e.value.headers == {"Retry-After": "60"}
+    assert status_of(e.value) == 429 and e.value.retry_after_s == 60
     assert str(e.value).startswith("this tenant has 2 active jobs (queued or running)")
     assert "wait for one to finish, or cancel one" in str(e.value) and "LADDER_MAX_ACTIVE_JOBS_PER_TENANT=2" in str(e.value)
     assert _create(db, _new(tenant, "k1"), cap=2) == (first, False)  # a replay at the cap: the same job, not refused

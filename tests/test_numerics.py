@@ -48,9 +48,9 @@ def test_watch_names_the_ops_torch_has_no_deterministic_version_of_and_passes_ot
     with warnings.catch_warnings(record=True) as outer:
         warnings.simplefilter("always")
         with numerics.watch() as seen:
-            warnings.warn(message)
-            warnings.warn(message)
-            warnings.warn("something else")
+            warnings.warn(message, stacklevel=1)
+            warnings.warn(message, stacklevel=1)
+            warnings.warn("something else", stacklevel=1)
     assert seen == ["upsample_bilinear2d_backward_out_cuda"]
     assert [str(w.message) for w in outer] == ["something else"]
 

@@ -325,7 +325,8 @@ def test_deployment_md_has_the_gpu_workers_recipe_matching_the_overlay(compose, 
         assert key in given, key
         if key.endswith("_FILE") or key == "LADDER_ENVIRONMENT":
             assert given[key] == value, key
-    assert given["LADDER_DEVICE"] == "cuda" and given["LADDER_QUEUE"] == _project(compose, gpu_overlay)["api"]["environment"]["LADDER_QUEUE"]
+    api_env = _project(compose, gpu_overlay)["api"]["environment"]
+    assert given["LADDER_DEVICE"] == "cuda" and given["LADDER_QUEUE"] == api_env["LADDER_QUEUE"]
     for secret in gpu0["secrets"]:
         assert f":/run/secrets/{secret}:ro" in run, secret
     assert "--gpus device=$N" in run and '--name "ladder-gpu$N@$(hostname)"' in run and "--no-healthcheck" in run

@@ -139,7 +139,7 @@ def _seeds(*files) -> subprocess.CompletedProcess:
 
 
 def test_seed_spread_table_from_the_committed_gpu_runs():
-    runs = [ROOT / "bench" / "results" / f"paper_mnist_gpu_seed{s}.json" for s in range(3)]
+    runs = [ROOT / "bench" / "results" / "archive" / f"paper_mnist_gpu_seed{s}.json" for s in range(3)]
     r = _seeds(*runs)
     assert r.returncode == 0, r.stderr
     clean = [100 * json.loads(f.read_text())["models"]["vanilla"]["clean_accuracy"] for f in runs]
@@ -147,7 +147,7 @@ def test_seed_spread_table_from_the_committed_gpu_runs():
     sd = (sum((c - mean) ** 2 for c in clean) / 2) ** 0.5
     assert f"| vanilla | {mean:.2f} ± {sd:.2f} |" in r.stdout
     # a CPU run and a GPU run are different protocols: refused
-    mixed = _seeds(ROOT / "bench" / "results" / "paper_mnist_normal_seed0.json", runs[1])
+    mixed = _seeds(ROOT / "bench" / "results" / "archive" / "paper_mnist_normal_seed0.json", runs[1])
     assert mixed.returncode == 2 and "compare like with like" in mixed.stderr
 
 
@@ -156,12 +156,12 @@ def test_seed_spread_table_of_the_committed_gpu_recipes():
     r = _seeds(*runs)
     assert r.returncode == 0, r.stderr
     assert "| ladder_mix |" in r.stdout and "| vanilla | " in r.stdout and "0.00 ± 0.00 |" in r.stdout
-    mixed = _seeds(runs[0], ROOT / "bench" / "results" / "paper_mnist_gpu_seed1.json")
+    mixed = _seeds(runs[0], ROOT / "bench" / "results" / "archive" / "paper_mnist_gpu_seed1.json")
     assert mixed.returncode == 2 and "different benches" in mixed.stderr
 
 
 def test_seed_spread_of_named_models_leaves_out_the_ranks():
-    runs = [ROOT / "bench" / "results" / f"paper_mnist_share50_seed{s}.json" for s in range(2)]
+    runs = [ROOT / "bench" / "results" / "archive" / f"paper_mnist_share50_seed{s}.json" for s in range(2)]
     r = _seeds("--models", "vanilla,control,ladder", *runs)
     assert r.returncode == 0, r.stderr
     rows = [line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("| ")]

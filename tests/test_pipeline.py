@@ -7,9 +7,14 @@ import torch
 
 from services import checkpoints
 from services.checkpoints import DirectoryStore
+from services.environment import environment
 from services.method.boundary import Boundary
-from services.method.pipeline import STAGES, MemoryStore, Run, harden
+from services.method.harden import harden
+from services.method.pipeline import MemoryStore, Run
 from services.method.rank import report_ranks
+from services.method.report import gallery
+from services.method.stages import STAGES
+from services.report import page
 
 from .conftest import quick_config
 
@@ -19,7 +24,7 @@ def run(lenet):
     store = MemoryStore()
     seen = []
     result = harden(lenet.model, lenet.spec, lenet.train, lenet.test, quick_config(variants=["ladder_random"]),
-                    store, lambda s, f, m: seen.append((s, f)))
+                    store, lambda s, f, m: seen.append((s, f)), environment=environment(torch.device("cpu")))
     return result, store, seen
 
 
@@ -58,7 +63,8 @@ def test_report_has_every_model_attack_and_setting(run):
     assert report["generator"]["reconstruction_mse"] < report["generator"]["mean_image_mse"]
     assert len(report["calibration"]["table"]) == 5
     assert 0.5 <= report["surrogate"]["clean_accuracy"] <= 1 and report["surrogate"]["architecture"] == "smallcnn"
-    assert result.html.startswith("<!DOCTYPE html>") and "ladder_random" in result.html
+    html = page(result.report, result.gallery)
+    assert html is not None and html.startswith("<!DOCTYPE html>") and "ladder_random" in html
 
 
 def test_a_page_that_fails_to_render_costs_the_page_only(run, lenet, monkeypatch, caplog):
@@ -70,7 +76,7 @@ def test_a_page_that_fails_to_render_costs_the_page_only(run, lenet, monkeypatch
     result, store, _ = run
     monkeypatch.setattr(services.report, "render_html", broken)
     again = Run(lenet.model, lenet.spec, lenet.train, lenet.test, quick_config(variants=["ladder_random"]), store)
-    assert again.html(result.report) is None  # the stages are stored: nothing is recomputed, nothing is lost
+    assert services.report.page(result.report, gallery(again)) is None  # the stages are stored: nothing is lost
     assert "could not be rendered" in caplog.text and "a plotting bug" in caplog.text
 
 

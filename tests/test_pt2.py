@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
+from api.problems import status_of
 from services import sandbox
 from services.errors import InputError
 from services.method import graphnet
@@ -45,7 +46,7 @@ def test_a_name_that_is_not_a_plain_identifier_is_refused_before_anything_loads(
     with pytest.raises(InputError, match=r"names 'conv1\.weight\"\) if getattr.*not a plain dotted identifier"):
         check_model(path, "net.pt2", ModelSpec.model_validate(CUSTOM_SPEC), LIMITS)
     with pytest.raises(InputError, match="not a plain dotted identifier"):
-        load_model(path, "pt2", ModelSpec.model_validate(CUSTOM_SPEC))  # a stored job of the old format: scanned again
+        load_model(path, "pt2", ModelSpec.model_validate(CUSTOM_SPEC), LIMITS)  # a stored job of the old format: scanned again
     assert not marker.exists()
 
 
@@ -188,7 +189,7 @@ def test_concurrent_sandboxed_checks_are_capped(tmp_path):
     try:
         with pytest.raises(InputError, match="checking 1 custom") as e:
             sandbox.run_pt2check("check", path, "{}", memory_bytes=1 << 30, timeout_s=1, concurrent=1)
-        assert e.value.status == 503
+        assert status_of(e.value) == 503
     finally:
         slots.release()
 

@@ -5,10 +5,13 @@ import random
 import pytest
 import torch
 
-from services.datasets import ImageData
+from services.method.data import ImageData
+from services.method.harden import harden
 from services.method.models import build_classifier, net_weights
-from services.method.pipeline import MemoryStore, Run, harden
+from services.method.pipeline import MemoryStore, Run
+from services.method.report import build_report
 from services.method.select import Selector, score
+from services.report import page
 
 from .conftest import quick_config
 
@@ -127,20 +130,21 @@ def test_a_job_that_every_epoch_makes_worse_returns_the_uploaded_weights_and_say
 def test_the_chosen_weights_are_the_ones_scored_and_evaluated(lenet):
     cfg = quick_config(select={"max_clean_drop": 1.0}, finetune={"epochs": 3})
     run = Run(lenet.model, lenet.spec, lenet.train, lenet.test, cfg)
-    report = run.report()
+    report = build_report(run)
     tuned = run.output("finetune")
+    from services.method.pipeline import train_surrogate
     from services.method.select import make_proxy
-    from services.method.pipeline import train_surrogate, validation_seed
+    from services.method.stages import validation_seed
 
     surrogate, _ = train_surrogate(lenet.spec, run.train, cfg)
     proxy = make_proxy(surrogate, run.val, cfg.select, run.cfg.evaluate, validation_seed(cfg.seed), 10)
     for name, chosen in report["selection"]["models"].items():
-        model = build_classifier(lenet.spec, tuned["weights"][name])
+        model = build_classifier(lenet.spec, tuned.weights[name])
         assert score(model, proxy, cfg.select.objective, 500) == chosen["validation"], name  # the stored weights were scored
         within = [c for c in chosen["curve"] if c["within_budget"]]
         assert chosen["validation"]["objective"] == max(c["objective"] for c in within), name
         for k, v in net_weights(run.models()[name]).items():  # and the evaluated model is built from them
-            assert torch.equal(v, tuned["weights"][name][k])
+            assert torch.equal(v, tuned.weights[name][k])
     assert set(report["selection"]["on_test"]) == {"control", "ladder"}
     drop = 100 * (report["models"]["vanilla"]["clean_accuracy"] - report["models"]["ladder"]["clean_accuracy"])
     assert report["selection"]["on_test"]["ladder"]["clean_drop_points"] == pytest.approx(drop)
@@ -198,7 +202,8 @@ def test_the_rank_objective_chooses_the_lowest_average_rank_among_the_feasible_c
 def test_rank_keeps_the_uploaded_weights_when_no_checkpoint_beats_them():
     sel = _ranked(0.1)
     sel.offer(1, {"clean": 0.9, "transfer_pgd": 0.2, "transfer_fgsm": 0.4, "objective": None}, lambda: pytest.fail("a tie was copied"))
-    sel.offer(2, {"clean": 0.899, "transfer_pgd": 0.19, "transfer_fgsm": 0.4, "objective": None}, lambda: pytest.fail("a dominated one was copied"))
+    sel.offer(2, {"clean": 0.899, "transfer_pgd": 0.19, "transfer_fgsm": 0.4, "objective": None},
+              lambda: pytest.fail("a dominated one was copied"))
     sel.offer(3, {"clean": 0.5, "transfer_pgd": 0.9, "transfer_fgsm": 0.9, "objective": None}, lambda: pytest.fail("beyond the budget"))
     out = sel.summary()
     assert out["uploaded_weights"] and sel.weights is WEIGHTS and "average rank" in out["why"]
@@ -216,4 +221,4 @@ def test_a_job_selects_by_transfer_autoattack_and_by_rank(lenet, objective):
             assert chosen["validation"]["objective"] == min(c["objective"] for c in feasible), name
         else:
             assert chosen["validation"]["objective"] == max(c["objective"] for c in feasible), name
-    assert "Checkpoint selection" in result.html
+    assert "Checkpoint selection" in (page(result.report, result.gallery) or "")

@@ -61,7 +61,8 @@ def test_a_good_production_config_passes():
     assert Settings(**no_keys).s3_access_key_id is None  # boto3's own lookup, e.g. an instance role
 
 
-WEAK_DB = [f"postgresql+psycopg://ladder:{p}@postgres/ladder" for p in ("ladder", "postgres", "password", "PASSWORD", "minioadmin", "", "short", "p%61ssword")]
+WEAK_DB = [f"postgresql+psycopg://ladder:{p}@postgres/ladder"
+           for p in ("ladder", "postgres", "password", "PASSWORD", "minioadmin", "", "short", "p%61ssword")]
 REFUSED = [
     ({"database_url": None}, "LADDER_DATABASE_URL (or LADDER_DATABASE_URL_FILE) pointing at PostgreSQL"),
     ({"database_url": "sqlite:////srv/ladder.db"}, "not SQLite"),
@@ -153,10 +154,10 @@ def test_a_secret_and_its_file_together_are_refused(tmp_path, monkeypatch):
 
 
 def test_the_s3_credentials_reach_the_store(tmp_path):
-    from workers.context import build
+    from services.context import open_artifacts
 
-    store = build(Settings(**{**GOOD, "environment": "development", "database_url": None, "broker_url": None,
-                              "data_dir": tmp_path})).store
+    store = open_artifacts(Settings(**{**GOOD, "environment": "development", "database_url": None, "broker_url": None,
+                                       "data_dir": tmp_path}))
     credentials = store.s3._request_signer._credentials
     assert (credentials.access_key, credentials.secret_key) == ("ladder-app", STRONG)
     assert open_store("s3://b/p", None, "us-east-1", "k", "s" * 8).s3._request_signer._credentials.access_key == "k"

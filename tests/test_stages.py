@@ -5,7 +5,7 @@ import torch
 
 from services.method.attacks import craft, fgsm, pgd
 from services.method.boundary import fit_boundary
-from services.method.config import EvaluateConfig, AttackConfig, BoundaryConfig, GeneratorConfig
+from services.method.config import AttackConfig, BoundaryConfig, EvaluateConfig, GeneratorConfig
 from services.method.finetune import accuracy, fit
 from services.method.generator import fidelity, train_generator
 from services.method.perturb import calibrate, directions, generate, random_targets

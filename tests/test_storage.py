@@ -129,7 +129,8 @@ def test_a_put_that_would_break_into_the_reserve_is_refused_as_storage_full(tmp_
         assert ok.health() is None
         assert ok.put(f"jobs/a/{reserve}", src) == file_digest(src)
     assert len(_files(root)) == 2 and not [f for f in _files(root) if f.endswith(".tmp")]
-    assert isinstance(open_store(root.as_uri(), min_free_bytes=7), LocalStore) and open_store(root.as_uri(), min_free_bytes=7).min_free_bytes == 7
+    opened = open_store(root.as_uri(), min_free_bytes=7)
+    assert isinstance(opened, LocalStore) and opened.min_free_bytes == 7
 
 
 def test_a_disk_that_fills_during_a_put_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The Celery app: Redis broker, one task per stage, the settings long GPU jobs need (service.md).
+"""The Celery worker app: Redis broker, one task per stage, the settings long GPU jobs need (service.md).
 
 Progress and results live in the database, not in a result backend. A task is acknowledged only
 after it returns (acks_late); if its process dies, the message goes back to the queue
@@ -9,41 +9,21 @@ queue (faults.Unavailable), never failed.
 
 import logging
 import uuid
+from functools import lru_cache
 
 from celery import Celery
 from celery.exceptions import Reject
 from celery.signals import worker_ready
 from celery.worker.consumer import Consumer
 from celery.worker.state import maybe_shutdown
-from kombu import Queue
 
-from services import faults, scratch
+from services import dispatch, faults, scratch
+from services.context import Context, build
 from services.jobs.models import STAGES
-from services.settings import get_settings
-from workers.context import celery_context
+from services.settings import Settings
 from workers.runner import run_stage  # imported once in the parent: a stage's fresh child inherits the method, no import of its own
 
 log = logging.getLogger(__name__)
-
-settings = get_settings()
-app = Celery("ladder", broker=settings.broker_url or "memory://")
-app.conf.update(
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
-    worker_max_tasks_per_child=1,  # a fresh process per stage: GPU memory and any leak go with it
-    worker_concurrency=1,
-    worker_pool="prefork",
-    task_ignore_result=True,
-    broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-    broker_connection_retry_on_startup=True,
-    broker_connection_max_retries=None,  # a worker outlives any broker outage (Celery's default gives up after ~100 tries)
-    worker_cancel_long_running_tasks_on_connection_loss=False,  # a stage keeps running through one (Celery 6 flips this)
-    task_queues=[Queue(settings.queue)],
-    task_default_queue=settings.queue,
-    worker_hijack_root_logger=False,
-    worker_consumer="workers.celery_app:PromptConsumer",
-)
 
 
 class PromptConsumer(Consumer):
@@ -61,48 +41,47 @@ class PromptConsumer(Consumer):
         return conn
 
 
-@worker_ready.connect
-def _sweep_scratch(**_) -> None:
-    """The temp folders of this machine's dead stage processes (the API's reconciler sweeps only its own machine's)."""
-    scratch.sweep_scratch(settings.sweep_grace_s)
+def create_app(settings: Settings) -> Celery:
+    """The worker's Celery app for these settings, with a task per stage. Each stage's process builds its context
+    (database, store, a dispatcher that sends the next stage) the first time it runs one: after the fork."""
+    app = dispatch.celery(settings)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=1,  # a fresh process per stage: GPU memory and any leak go with it
+        worker_concurrency=1,
+        worker_pool="prefork",
+        broker_connection_max_retries=None,  # a worker outlives any broker outage (Celery's default gives up after ~100 tries)
+        worker_cancel_long_running_tasks_on_connection_loss=False,  # a stage keeps running through one (Celery 6 flips this)
+        worker_hijack_root_logger=False,
+        worker_consumer=f"{__name__}:PromptConsumer",
+    )
+
+    @lru_cache(maxsize=1)
+    def context() -> Context:
+        return build(settings, dispatch.CeleryDispatcher(app, settings.queue, patience_s=settings.infra_retry_s))
+
+    def sweep_scratch(**_) -> None:
+        """The temp folders of this machine's dead stage processes (the API's reconciler sweeps only its own machine's)."""
+        scratch.sweep_scratch(settings.sweep_grace_s)
+
+    worker_ready.connect(sweep_scratch, weak=False)
+    for stage in STAGES:
+        _stage_task(app, stage, context)
+    return app
 
 
-class CeleryDispatcher:
-    """Sends a job's stage to the Celery queue, trying an unreachable broker again for `patience_s` (a worker
-    waits for it: the next stage is its job; the API does not: a request must not hang, the reconciler resends)."""
-
-    def __init__(self, celery: Celery, patience_s: float = 0.0):
-        self.celery, self.patience_s = celery, patience_s
-
-    def enqueue(self, job_id: uuid.UUID, stage: str) -> None:
-        """Send the stage's task (call only after the database commit)."""
-        def send() -> None:
-            self.celery.send_task(task_name(stage), args=[str(job_id)], queue=settings.queue)
-
-        if self.patience_s > 0:
-            faults.retry(send, f"job {job_id}: sending {stage}", self.patience_s, cap_s=2.0)
-        else:
-            send()  # kombu's own publish retries (about a second), then the caller logs it once
-
-
-def task_name(stage: str) -> str:
-    """The Celery task of a stage."""
-    return f"ladder.{stage}"
-
-
-def _stage_task(stage: str):
-    @app.task(name=task_name(stage))
+def _stage_task(app: Celery, stage: str, context):
+    @app.task(name=dispatch.task_name(stage))
     def run(job_id: str) -> str:
         # BUSY (another worker's heartbeat is fresh) is dropped too: if that worker dies, the
         # reconciler enqueues the stage again once its heartbeat is stale
         try:
-            return run_stage(celery_context(), uuid.UUID(job_id), stage).value
+            return run_stage(context(), uuid.UUID(job_id), stage).value
         except faults.Unavailable as e:
             log.warning("job %s: %s handed back to the queue: %s", job_id, stage, e)
             raise Reject(str(e), requeue=True) from e
 
     run.__doc__ = f"Run the {stage} stage of a job."
     return run
-
-
-tasks = {stage: _stage_task(stage) for stage in STAGES}

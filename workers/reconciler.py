@@ -7,9 +7,9 @@ import threading
 import time
 
 from services import faults
+from services.context import Context
 from services.jobs import service
 from services.sweeper import Sweeper
-from workers.context import Context
 
 log = logging.getLogger(__name__)
 

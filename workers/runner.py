@@ -15,8 +15,8 @@ import math
 import threading
 import time
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from safetensors.torch import save_file
@@ -24,6 +24,8 @@ from sqlalchemy.orm import Session
 
 from services import checkpoints, devices, faults, scratch
 from services.artifacts import ArtifactStore, file_digest
+from services.context import Context
+from services.environment import environment
 from services.errors import InputError
 from services.jobs import repository, service
 from services.jobs.models import STAGES
@@ -32,8 +34,9 @@ from services.method import backoff, placement
 from services.method.config import LadderConfig
 from services.method.models import ModelSpec, device_of, net_weights
 from services.method.pipeline import Run, split_inputs
-from services.uploads import load_data, load_model
-from workers.context import Context
+from services.method.report import build_report, gallery
+from services.report import page
+from services.uploads import Limits, load_data, load_model
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,7 +51,7 @@ def stage_key(job_id: uuid.UUID, inputs_digest: str, stage: str) -> str:
     return f"jobs/{job_id}/stages/{inputs_digest[:16]}/{stage}.safetensors"
 
 
-def fetch_checked(store: ArtifactStore, key: str, path: Path, expected: str | None, what: str) -> tuple[str, int]:
+def fetch_checked(store: "RetryingStore", key: str, path: Path, expected: str | None, what: str) -> tuple[str, int]:
     """Fetch an artifact to `path`; its (sha256, size), refused if it differs from the `expected` recorded SHA-256."""
     store.fetch(key, path)
     sha, size = file_digest(path)
@@ -85,7 +88,7 @@ class ArtifactStages:
     Each output carries the seconds its work took (since this store was made) in its metadata, so
     an attempt that finds it stored can record the real time, not its own."""
 
-    def __init__(self, store: ArtifactStore, job_id: uuid.UUID, inputs_digest: str, stage: str,
+    def __init__(self, store: RetryingStore, job_id: uuid.UUID, inputs_digest: str, stage: str,
                  recorded: dict[str, str], tmp: Path):
         self.store, self.job_id, self.digest, self.stage, self.recorded, self.tmp = store, job_id, inputs_digest, stage, recorded, tmp
         self.saved: dict[str, tuple[str, str, int]] = {}
@@ -192,7 +195,7 @@ class Heartbeat(threading.Thread):
                 failing = True
 
 
-def _inputs(ctx: Context, store: ArtifactStore, job: Any, arts: dict[str, Any],
+def _inputs(ctx: Context, store: RetryingStore, job: Any, arts: dict[str, Any],
             tmp: Path) -> tuple[Any, ModelSpec, Any, Any, Any, LadderConfig]:
     spec = ModelSpec.model_validate(job.spec)
     config = LadderConfig.model_validate(job.config)
@@ -205,7 +208,8 @@ def _inputs(ctx: Context, store: ArtifactStore, job: Any, arts: dict[str, Any],
     fmt = job.inputs
     # on LADDER_DEVICE: every stage follows the model's device (resolved here, in the stage's own process: the Celery
     # parent that forks it never initialises CUDA)
-    model = load_model(loaded["model"], fmt["model"]["format"], spec).to(devices.resolve(ctx.settings.device))
+    model = load_model(loaded["model"], fmt["model"]["format"], spec, Limits.from_settings(ctx.settings))
+    model = model.to(devices.resolve(ctx.settings.device))
     placement.set_share(ctx.settings.gpu_data_share)
     train = load_data(loaded["train_data"], fmt["train_data"]["format"], spec, "train_data")
     test = load_data(loaded["test_data"], fmt["test_data"]["format"], spec, "test_data") if "test_data" in loaded else None
@@ -215,7 +219,7 @@ def _inputs(ctx: Context, store: ArtifactStore, job: Any, arts: dict[str, Any],
     return model, spec, train, test, val, config
 
 
-def _results(ctx: Context, store: ArtifactStore, job: Any, run: Run, tmp: Path,
+def _results(ctx: Context, store: RetryingStore, stages: "ArtifactStages", job: Any, run: Run, tmp: Path,
              done: dict[str, tuple[float | None, float | None]]) -> tuple[dict, dict]:
     """The report and the stored results: hardened (LADDER) weights, the other models, the report's page.
     `done`: (work seconds, reuse seconds) of each finished stage."""
@@ -227,15 +231,17 @@ def _results(ctx: Context, store: ArtifactStore, job: Any, run: Run, tmp: Path,
         save_file(net_weights(model), str(path), metadata={"ladder.model": name, "ladder.job": str(job.id)})
         key = f"jobs/{job.id}/results/{name}.safetensors"
         artifacts["model" if name == "ladder" else f"model.{name}"] = (key, *store.put(key, path))
-    report = run.report({k: work for k, (work, _) in done.items()}, {k: re for k, (_, re) in done.items() if re is not None})
-    notes = {**run.store.found_notes, "report": run.store.current_notes}  # the earlier stages' outputs, and this stage's own
+    work = {k: w for k, (w, _) in done.items() if w is not None}  # a done stage has its seconds
+    reused = {k: r for k, (_, r) in done.items() if r is not None}
+    report = build_report(run, work, reused, environment(run.device))
+    notes = {**stages.found_notes, "report": stages.current_notes}  # the earlier stages' outputs, and this stage's own
     report["memory_backoff"] = {s: n["batch_halvings"] for s, n in notes.items() if n.get("batch_halvings")}
-    html = run.html(report)
+    html = page(report, gallery(run))
     if html is not None:  # a page that failed to render is logged; the job keeps its weights and report
-        page = tmp / "report.html"
-        page.write_text(html, encoding="utf-8")
+        path = tmp / "report.html"
+        path.write_text(html, encoding="utf-8")
         key = f"jobs/{job.id}/results/report.html"
-        artifacts["report.html"] = (key, *store.put(key, page))
+        artifacts["report.html"] = (key, *store.put(key, path))
     return report, artifacts
 
 
@@ -261,6 +267,7 @@ def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
         if outcome is not Claim.RUN:
             return outcome, None, {}, {}
         job = repository.get(s, job_id)
+        assert job is not None  # claimed just now
         done = {r.stage: (r.seconds, r.reused_seconds) for r in job.stages if r.status == "done"}
         return outcome, job, {a.name: a for a in repository.artifacts(s, job_id)}, done
 
@@ -282,7 +289,7 @@ def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
             def attempt(cfg: LadderConfig) -> Any:
                 run = Run(model, spec, train, test, cfg, stages, reporter, val)
                 if stage == "report":
-                    return _results(ctx, store, job, run, tmp, done)
+                    return _results(ctx, store, stages, job, run, tmp, done)
                 return run.output(stage)
 
             def halve(changed: dict[str, int]) -> None:  # kept with the stage's output, shown in the report
@@ -308,24 +315,25 @@ def run_stage(ctx: Context, job_id: uuid.UUID, stage: str) -> Claim:
 
         _transact(ctx, f"{what}: stopping", stopped)
         log.info("job %s: %s stopped", job_id, stage)
-    except InputError as e:
-        _transact(ctx, f"{what}: failing it", lambda s: service.stop(s, job_id, stage, me, "failed", ctx.store, "invalid_input", str(e)))
-    except backoff.OutOfMemory as e:
-        log.error("job %s: %s", job_id, e)
-        _transact(ctx, f"{what}: failing it", lambda s: service.stop(s, job_id, stage, me, "failed", ctx.store, "out_of_memory", str(e)))
-    except Exception as e:
-        code = faults.classify(e)
-        if code in (faults.DATABASE, faults.BROKER):  # raised by the method's own code, outside every retry
-            raise faults.Unavailable(code, str(e)) from e  # the stage goes back to the queue; its stored work stays
-        if code is None:
-            log.exception("job %s: stage %s failed", job_id, stage)
-            code, message = "internal_error", (f"stage {stage} failed ({type(e).__name__}); "
-                                               "the operators have the traceback in the worker log")
-        else:  # the store: the job fails, its finished stages stay for `ladder jobs resume` once the store is back
-            log.error("job %s: stage %s failed: %s", job_id, stage, e)  # the details (paths, endpoints) stay in the log
-            message = (f"stage {stage} stopped: {faults.WHAT[code]}; the stages finished before it are kept, and once "
-                       f"the store is fixed an operator resumes the job with `ladder jobs resume {job_id}`")
+    except (InputError, backoff.OutOfMemory) as e:
+        code, message = ("invalid_input" if isinstance(e, InputError) else "out_of_memory"), str(e)
+        if code == "out_of_memory":
+            log.error("job %s: %s", job_id, message)
         _transact(ctx, f"{what}: failing it", lambda s: service.stop(s, job_id, stage, me, "failed", ctx.store, code, message))
+    except Exception as e:
+        fault = faults.classify(e)
+        if fault in (faults.DATABASE, faults.BROKER):  # raised by the method's own code, outside every retry
+            raise faults.Unavailable(fault, str(e)) from e  # the stage goes back to the queue; its stored work stays
+        if fault is None:
+            log.exception("job %s: stage %s failed", job_id, stage)
+            failure, message = "internal_error", (f"stage {stage} failed ({type(e).__name__}); "
+                                                  "the operators have the traceback in the worker log")
+        else:  # the store: the job fails, its finished stages stay for `ladder jobs resume` once the store is back
+            failure = fault
+            log.error("job %s: stage %s failed: %s", job_id, stage, e)  # the details (paths, endpoints) stay in the log
+            message = (f"stage {stage} stopped: {faults.WHAT[fault]}; the stages finished before it are kept, and once "
+                       f"the store is fixed an operator resumes the job with `ladder jobs resume {job_id}`")
+        _transact(ctx, f"{what}: failing it", lambda s: service.stop(s, job_id, stage, me, "failed", ctx.store, failure, message))
     finally:
         beat.done.set()
     return Claim.RUN

@@ -8,9 +8,10 @@ from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, S
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from services.db import Base, JSONType, UTCDateTime, utcnow
+from services.method.stages import JOB_STAGES
 from services.tenants.models import Tenant  # noqa: F401  (the table jobs.tenant_id points at)
 
-STAGES = ("latents", "boundary", "generator", "adversarial", "finetune", "evaluate", "report")
+STAGES = JOB_STAGES  # a job runs the method's stages, then writes its report
 TERMINAL = ("succeeded", "failed", "canceled")
 
 

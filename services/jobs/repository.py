@@ -52,7 +52,7 @@ def lock_tenant(session: Session, tenant_id: uuid.UUID) -> None:
 
 def active_count(session: Session, tenant_id: uuid.UUID) -> int:
     """How many of the tenant's jobs are queued or running."""
-    return session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE)))
+    return session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))) or 0
 
 
 def page(session: Session, tenant_id: uuid.UUID, limit: int, before: tuple[datetime, uuid.UUID] | None) -> list[Job]:

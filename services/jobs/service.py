@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from services import faults
 from services.artifacts import ArtifactStore
 from services.db import after_commit, utcnow
-from services.errors import InputError
+from services.errors import InputError, NotFound
 from services.jobs import repository
 from services.jobs.models import STAGES, TERMINAL, Job, JobStage
 from services.settings import get_settings
@@ -59,13 +59,16 @@ class Conflict(Exception):
     """A request that the job's state does not allow (HTTP 409)."""
 
 
+class IdempotencyMismatch(Conflict):
+    """An Idempotency-Key already used for a different request."""
+
+
 class TooManyJobs(InputError):
-    """The tenant already has as many active jobs as it may (HTTP 429); `headers` carries Retry-After."""
+    """The tenant already has as many active jobs as it may; it can submit again in about `retry_after_s`."""
 
     def __init__(self, message: str, retry_after_s: int = 60):
-        super().__init__(message, 429)
+        super().__init__(message)
         self.retry_after_s = retry_after_s
-        self.headers = {"Retry-After": str(retry_after_s)}
 
     def __reduce__(self):
         return type(self), (str(self), self.retry_after_s)
@@ -136,7 +139,8 @@ def create(session: Session, new: NewJob, dispatcher: Dispatcher, max_active: in
             session.add(job)
             session.flush()
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won
-        earlier = repository.by_idempotency_key(session, new.tenant_id, new.idempotency_key)
+        earlier = (None if new.idempotency_key is None
+                   else repository.by_idempotency_key(session, new.tenant_id, new.idempotency_key))
         if earlier is None:
             raise
         return replay(earlier, new.request_digest), False
@@ -164,9 +168,10 @@ def send_after_commit(session: Session, dispatcher: Dispatcher, jobs: list[Job])
                 log.warning("job %s: %s not sent (%s); the reconciler sends it again", job_id, stage, faults.describe(e))
                 continue
             try:
-                with engine.begin() as conn:
-                    conn.execute(update(Job).where(Job.id == job_id, Job.stage == stage, Job.enqueue_pending,
-                                                   Job.enqueued_at == at).values(enqueue_pending=False))
+                with engine.begin() as conn:  # an Engine: services.db.Database binds its sessions to one
+                    conn.execute(update(Job).where(  # type: ignore[union-attr]
+                        Job.id == job_id, Job.stage == stage, Job.enqueue_pending, Job.enqueued_at == at,
+                    ).values(enqueue_pending=False))
             except Exception as e:  # the mark stays: the reconciler sends a duplicate, which the claim drops
                 if faults.classify(e) is None:
                     raise
@@ -178,7 +183,7 @@ def send_after_commit(session: Session, dispatcher: Dispatcher, jobs: list[Job])
 def replay(earlier: Job, request_digest: str) -> Job:
     """The job an Idempotency-Key created, if this request is the same one; else Conflict."""
     if earlier.request_digest != request_digest:
-        raise Conflict(f"Idempotency-Key {earlier.idempotency_key!r} was used for a different request; "
+        raise IdempotencyMismatch(f"Idempotency-Key {earlier.idempotency_key!r} was used for a different request; "
                        "use a new key for a new job")
     return earlier
 
@@ -227,7 +232,7 @@ def claim(session: Session, job_id: uuid.UUID, stage: str, worker: str, stale_af
     return Claim.RUN
 
 
-def holds(job: Job | None, stage: str, worker: str) -> bool:
+def holds(job: Job | None, stage: str, worker: str) -> TypeGuard[Job]:
     """Whether `worker` still holds the job's stage (it may have been taken over as stale)."""
     return job is not None and job.status == "running" and job.stage == stage and job.worker == worker
 
@@ -315,7 +320,7 @@ def resume(session: Session, job_id: uuid.UUID) -> Job:
     within seconds. Its finished stages are reused (their outputs were kept)."""
     job = repository.get(session, job_id, lock=True)
     if job is None:
-        raise InputError(f"no job {job_id}", 404)
+        raise NotFound(f"no job {job_id}")
     if job.status != "failed" or job.error_code not in RESUMABLE:
         why = f"it {job.status}" if job.status != "failed" else f"it failed with {job.error_code}, which deleted its stages"
         raise Conflict(f"job {job_id} cannot be resumed: {why}; only jobs failed by the infrastructure "

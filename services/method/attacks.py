@@ -24,8 +24,14 @@ from services.method import batches, placement
 from services.method.config import AttackConfig, AutoAttackConfig, BaselinesConfig, EvaluateConfig, JSMAConfig
 from services.method.cw import cw_l2
 from services.method.models import eval_mode
+from services.method.perturb import random_targets
 
 Attack = Callable[[nn.Module, Tensor, Tensor, Tensor | None, Any, torch.Generator], Tensor]
+
+
+def pgd_step(eps: float, steps: int) -> float:
+    """PGD's default step: 2.5·ε / steps (Madry et al.), so that `steps` steps can cross the ε-ball and back."""
+    return 2.5 * eps / steps
 
 
 def _input_grad(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -65,7 +71,7 @@ def pgd_steps(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, st
     tell are the ones the step computes anyway. Without it, every point takes every step (the
     textbook attack, and what adversarial training wants: the loss maximised, not just a flip).
     """
-    step = step_size or 2.5 * eps / steps
+    step = step_size or pgd_step(eps, steps)
     lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
     adv = x.clone() if start is None else torch.max(torch.min(start, hi), lo)
     if random_start:
@@ -257,7 +263,7 @@ def attack_params(name: str, cfg: EvaluateConfig) -> dict:
     if name == "fgsm":
         params = {"eps": params["eps"], "norm": "Linf"}
     elif name == "pgd":
-        params = {**params, "norm": "Linf", "pgd_step_size": cfg.attack.pgd_step_size or 2.5 * cfg.attack.eps / cfg.attack.pgd_steps}
+        params = {**params, "norm": "Linf", "pgd_step_size": cfg.attack.pgd_step_size or pgd_step(cfg.attack.eps, cfg.attack.pgd_steps)}
     elif name == "autoattack":
         params = {**params, "eps": cfg.attack.eps, "norm": "Linf"}
     return params
@@ -266,7 +272,7 @@ def attack_params(name: str, cfg: EvaluateConfig) -> dict:
 def expand_targets(y: Tensor, num_classes: int, mode: str, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """(rows, targets): one random target t ≠ y per point, or every t ≠ y (each point repeated C − 1 times)."""
     if mode == "random":
-        return torch.arange(len(y)), (y + torch.randint(1, num_classes, y.shape, generator=gen)) % num_classes
+        return torch.arange(len(y)), random_targets(y, num_classes, gen)
     rows = torch.arange(len(y)).repeat_interleave(num_classes - 1)
     shift = torch.arange(1, num_classes).repeat(len(y))
     return rows, (y[rows] + shift) % num_classes

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from services.errors import InputError
 from services.method.config import BoundaryConfig
+from services.method.errors import InputError
 from services.method.progress import Progress, silent
 
 _CHUNK_ELEMENTS = 50_000_000  # z elements per batch of pairs: bounds memory for many classes
@@ -182,8 +182,8 @@ def fit_boundary(
         zf, lf = _pair_data(zs[fit_idx], part)
         done = start / len(pairs)
 
-        def on_step(step: int, objective: float) -> None:
-            frac = done + min(step / cfg.attention_steps, 1.0) * len(part) / len(pairs)
+        def on_step(step: int, objective: float, done: float = done, share: float = len(part) / len(pairs)) -> None:
+            frac = done + min(step / cfg.attention_steps, 1.0) * share
             progress("boundary", min(frac, 1.0), {"objective": objective})
 
         params, fit = _fit_chunk(zf, lf, cfg, gen, on_step)

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from services.errors import InputError
 from services.method import numerics, placement
 from services.method.config import GeneratorConfig
+from services.method.errors import InputError
 from services.method.models import device_of, eval_mode
 from services.method.progress import Progress, silent
 
@@ -51,6 +51,8 @@ class Generator(nn.Module):
             layers.append(nn.Conv2d(width, c, 3, padding=1))
             self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(latent_dim, math.prod(self.start))
+
+    scale: Tensor
 
     def forward(self, z: Tensor) -> Tensor:
         x = F.relu(self.fc(z / self.scale)).view(-1, *self.start)

@@ -15,13 +15,14 @@ import operator
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor, fx, nn
 
-from services.errors import InputError
+from services.method.errors import InputError
 
 FORMAT = "ladder.graph/1"
 # a plain dotted identifier: what a parameter's path in a module tree is; no quotes, brackets or dunders
@@ -91,7 +92,7 @@ def resolve(name: str) -> Callable:
         return PYTHON_OPS[name]
     m = _ATEN_NAME.fullmatch(name)
     ops = getattr(torch.ops.aten, m[1], None) if m is not None and m[1] in ATEN else None  # None: not in this torch
-    if ops is not None and m[2] in ops.overloads():
+    if ops is not None and m is not None and m[2] in ops.overloads():
         return getattr(ops, m[2])
     raise not_allowed(name)
 
@@ -267,7 +268,7 @@ class GraphNet(nn.Module):
         self._paths = {name: name.split(".") for name in tensors}
 
     def _tensor(self, name: str) -> Tensor:
-        owner = self
+        owner: Any = self
         for part in self._paths[name]:
             owner = getattr(owner, part)
         return owner
@@ -290,9 +291,9 @@ class GraphNet(nn.Module):
             elif kind == "tensor":
                 values.append(self._tensor(node[1]))
             elif kind == "call":
-                values.append(node[1](*value(node[2]), **{k: value(v) for k, v in node[3].items()}))
+                values.append(node[1](*value(node[2]), **{k: value(v) for k, v in node[3].items()}))  # type: ignore[misc]
             else:
-                return value(node[1])
+                return value(node[1])  # type: ignore[return-value]  # decode() makes the output node a tensor's
         raise AssertionError("decode() guarantees a final output node")
 
 

@@ -19,7 +19,7 @@ import torchvision
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, fx, nn
 
-from services.errors import InputError
+from services.method.errors import InputError
 
 PAPER_ARCHITECTURES = ("lenet", "svhnnet", "celebanet")
 OWN_ARCHITECTURES = ("smallcnn",)  # a cheap net unlike LeNet: the default black-box surrogate
@@ -161,6 +161,9 @@ class Classifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
+    mean: Tensor
+    std: Tensor
+
     def forward(self, x: Tensor) -> Tensor:
         return self.net((x - self.mean) / self.std)
 
@@ -179,8 +182,8 @@ def _torchvision_net(name: str, num_classes: int, in_channels: int) -> nn.Module
         path, conv = first
         parent = net.get_submodule(path.rpartition(".")[0]) if "." in path else net
         setattr(parent, path.rpartition(".")[2], nn.Conv2d(
-            in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None,
+            in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
+            conv.dilation, conv.groups, conv.bias is not None,  # type: ignore[arg-type]  # Conv2d's own, 2-tuples
         ))
     return net
 
@@ -261,6 +264,7 @@ def device_of(module: nn.Module | Callable) -> torch.device:
     """Where a module's parameters (or, without any, its buffers) live; the CPU for a module with neither.
     A bound method of a module (LatentSplit.head) answers for its module."""
     module = getattr(module, "__self__", module)
+    assert isinstance(module, nn.Module), "a module or a bound method of one"
     for t in (*module.parameters(), *module.buffers()):
         return t.device
     return torch.device("cpu")

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from services.datasets import ImageData, balanced_order
 from services.method.attacks import craft
 from services.method.config import EvaluateConfig, SelectConfig
+from services.method.data import ImageData, balanced_order
 from services.method.evaluate import correct_rows, fraction, transfer_config
 from services.method.models import net_weights
 from services.method.rank import average_rank

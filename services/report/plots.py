@@ -241,7 +241,7 @@ def timeline(stages: Sequence[tuple[str, float]], finetune: Sequence[tuple[str, 
     _style(ax)
     ax.grid(True, axis="x", color="#e6e6e6", linewidth=0.7)
     ax.grid(False, axis="y")
-    for k, (label, s0, w, color, sub) in enumerate(rows):
+    for k, (_label, s0, w, color, sub) in enumerate(rows):
         ax.barh(k, w, left=s0, height=0.45 if sub else 0.7, color=color, alpha=0.55 if sub else 0.95,
                 edgecolor="white", linewidth=0.6)
         t = ax.text(s0 + w + total * 0.006, k, _fmt_s(w), va="center", fontsize=FONT - 1 - sub, color="#333333")
