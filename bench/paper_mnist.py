@@ -52,11 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.cli import load_data  # noqa: E402
 from services.datasets import channels_first  # noqa: E402
+from services.environment import environment  # noqa: E402
 from services.method.config import LadderConfig  # noqa: E402
-from services.method.data import (
-    ImageData,
-    stratified_split,  # noqa: E402
-)
+from services.method.data import ImageData, stratified_split  # noqa: E402
 from services.method.finetune import accuracy, fit  # noqa: E402
 from services.method.models import ModelSpec, build_classifier  # noqa: E402
 from services.method.pipeline import MemoryStore, Run, per_class  # noqa: E402
@@ -327,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run.output("evaluate")
     t = part("evaluation (surrogate training and every attack)", t)
-    report = build_report(run)
+    report = build_report(run, environment=environment(device))
     models = {}
     extra = {}
     for name, model in run.models().items():
