@@ -9,10 +9,8 @@ from datetime import UTC, datetime
 from rich.console import Console
 
 import services
-from services.datasets import mnist5k
 from services.errors import InputError
 
-BUILTIN_DATA = {"mnist5k": mnist5k}
 console = Console(stderr=True)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from services.datasets import mnist5k
+from services.db import Database
 from services.method.config import LadderConfig
 from services.method.data import ImageData, stratified_split
 from services.method.finetune import fit
@@ -72,3 +73,19 @@ def quick_config(**overrides) -> LadderConfig:
     for k, v in overrides.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
     return LadderConfig.model_validate(base)
+
+
+@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
+def db(request, tmp_path_factory):
+    """The service's database, once on PostgreSQL (`database` above) and once on the embedded default's SQLite, both
+    migrated by Alembic (tests/test_sweeper.py has its own, PostgreSQL only)."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("database")
+    else:
+        from services.migrate import upgrade
+
+        url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'ladder.db'}"
+        upgrade(url)
+    d = Database(url)
+    yield d
+    d.engine.dispose()

@@ -167,3 +167,13 @@ def send_corpus(url: str, key: str, cases: list, after=None) -> None:
         expect_refusal(case, submit_parts(url, key, case.parts))
         if after is not None:
             after(case)
+
+
+class Recorder:
+    """A dispatcher that only remembers what it was asked to send (the job state machine's tests)."""
+
+    def __init__(self):
+        self.sent: list[tuple[uuid.UUID, str]] = []
+
+    def enqueue(self, job_id: uuid.UUID, stage: str) -> None:
+        self.sent.append((job_id, stage))

@@ -31,7 +31,7 @@ from services.jobs.service import Claim, Conflict
 from services.tenants.service import create_key, tenant_of
 
 from . import harness
-from .test_lifecycle import Recorder, db  # noqa: F401  (the PostgreSQL and SQLite databases)
+from .harness import Recorder
 from .test_service import _auth, _config, _submit, inputs  # noqa: F401
 
 # -- which errors are the infrastructure's ------------------------------------------------------------------------

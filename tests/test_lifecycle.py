@@ -22,35 +22,11 @@ from services.jobs.service import Claim, Conflict, TooManyJobs
 from services.settings import Settings, get_settings
 from services.tenants.service import create_key, tenant_of
 
+from .harness import Recorder
 from .test_service import _auth, _config, _rows, _store_files, _submit, env, inputs, keys, server  # noqa: F401
 
 pytestmark = pytest.mark.slow
 CAP = Settings.model_fields["max_active_jobs_per_tenant"].default  # what the test server runs with
-
-
-class Recorder:
-    """A dispatcher that only remembers what it was asked to enqueue."""
-
-    def __init__(self):
-        self.sent: list[tuple[uuid.UUID, str]] = []
-
-    def enqueue(self, job_id: uuid.UUID, stage: str) -> None:
-        self.sent.append((job_id, stage))
-
-
-@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
-def db(request, tmp_path_factory):
-    """The service's database: PostgreSQL (the `database` of the service tests), and the embedded default's SQLite."""
-    if request.param == "postgresql":
-        url = request.getfixturevalue("database")
-    else:
-        from services.migrate import upgrade
-
-        url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'ladder.db'}"
-        upgrade(url)
-    d = Database(url)
-    yield d
-    d.engine.dispose()
 
 
 def _tenant(db: Database) -> uuid.UUID:

@@ -76,7 +76,13 @@ def test_a_page_that_fails_to_render_costs_the_page_only(run, lenet, monkeypatch
     result, store, _ = run
     monkeypatch.setattr(services.report, "render_html", broken)
     again = Run(lenet.model, lenet.spec, lenet.train, lenet.test, quick_config(variants=["ladder_random"]), store)
-    assert services.report.page(result.report, gallery(again)) is None  # the stages are stored: nothing is lost
+    assert services.report.page(result.report, lambda: gallery(again)) is None  # the stages are stored: nothing is lost
+
+    def no_gallery():
+        raise RuntimeError("a generator bug")
+
+    assert services.report.page(result.report, no_gallery) is None  # generating the examples is part of the page
+    assert "a generator bug" in caplog.text
     assert "could not be rendered" in caplog.text and "a plotting bug" in caplog.text
 
 

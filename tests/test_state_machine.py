@@ -15,29 +15,7 @@ from services.jobs.models import STAGES
 from services.jobs.service import Claim
 from services.tenants.service import create_key, tenant_of
 
-
-class Recorder:
-    """A dispatcher that remembers what it was asked to send."""
-
-    def __init__(self):
-        self.sent: list[tuple[uuid.UUID, str]] = []
-
-    def enqueue(self, job_id: uuid.UUID, stage: str) -> None:
-        self.sent.append((job_id, stage))
-
-
-@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
-def db(request, tmp_path_factory):
-    if request.param == "postgresql":
-        url = request.getfixturevalue("database")
-    else:
-        from services.migrate import upgrade
-
-        url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'ladder.db'}"
-        upgrade(url)
-    d = Database(url)
-    yield d
-    d.engine.dispose()
+from .harness import Recorder
 
 
 @pytest.fixture

@@ -236,7 +236,7 @@ def _results(ctx: Context, store: RetryingStore, stages: "ArtifactStages", job: 
     report = build_report(run, work, reused, environment(run.device))
     notes = {**stages.found_notes, "report": stages.current_notes}  # the earlier stages' outputs, and this stage's own
     report["memory_backoff"] = {s: n["batch_halvings"] for s, n in notes.items() if n.get("batch_halvings")}
-    html = page(report, gallery(run))
+    html = page(report, lambda: gallery(run))
     if html is not None:  # a page that failed to render is logged; the job keeps its weights and report
         path = tmp / "report.html"
         path.write_text(html, encoding="utf-8")

@@ -1,5 +1,6 @@
 """The method in one call: a model and its data in, every trained model, the report and its gallery out."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,11 +15,12 @@ from services.method.stages import STAGES
 
 @dataclass
 class HardenResult:
-    """Every trained model (vanilla, control, ladder and variants), the report and the gallery of its page."""
+    """Every trained model (vanilla, control, ladder and variants), the report, and what generates its page's
+    gallery (on demand: services/report.page runs it where a failure costs the page only)."""
 
     models: dict[str, Classifier]
     report: dict
-    gallery: dict
+    gallery: Callable[[], dict]
 
 
 def harden(
@@ -31,4 +33,4 @@ def harden(
     `environment`: the report's record of where it ran (services/environment.py)."""
     run = Run(model, spec, train, test, config, store, progress, validation)
     run.output(STAGES[-1])
-    return HardenResult(run.models(), build_report(run, environment=environment), gallery(run))
+    return HardenResult(run.models(), build_report(run, environment=environment), lambda: gallery(run))
